@@ -1,0 +1,141 @@
+"""One plain-Python config for every phase, with named presets and --key=value overrides.
+
+    python pretrain.py                                   # the default preset: Shapes World on a CPU
+    python pretrain.py --preset=llama4_seed              # the seed's full recipe
+    python pretrain.py --max_iters=200 --batch_size=8    # any entry can be overridden (--key value works too)
+
+Resolution order: CONFIG (defaults) < PRESETS[preset] < PRESETS[preset][phase] < command line.
+Every value on the command line is checked against the type of its default.
+"""
+import sys
+
+CONFIG = dict(
+    # --- the language model (DESIGN §3; these defaults are the tiny Shapes World model) ---
+    vocab_size=512,         # tokenizer and embedding size; special tokens sit at fixed ids 0..6
+    dim=128,                # width of the residual stream
+    n_layers=4,
+    n_heads=4,              # query heads; head_dim = dim // n_heads
+    n_kv_heads=2,           # key/value heads shared by groups of query heads (GQA)
+    ffn_hidden=256,         # hidden size of the dense SwiGLU layers
+    moe_hidden=128,         # hidden size of each routed expert and of the shared expert
+    n_experts=8,            # routed experts per MoE layer
+    top_k=2,                # experts each token is sent to
+    moe_every=2,            # layers 1, 3, 5, ... are MoE (Llama 4's interleave_moe_layer_step)
+    nope_every=4,           # layers 3, 7, 11, ... have no RoPE and attend globally (iRoPE)
+    rope_theta=10000.0,
+    attn_chunk=128,         # RoPE layers attend only within chunks of this many positions
+    norm_eps=1e-5,
+    attn_scale=0.1,         # NoPE-layer query temperature: 1 + attn_scale * log(floor((pos+1)/floor_scale) + 1)
+    floor_scale=8192,
+    context=256,            # tokens per training window (and the longest prompt + answer)
+    # --- text data (DESIGN §4) ---
+    text_source="shapes",   # "shapes", "hf" (hf_dataset below), or local .txt/.jsonl/.parquet files, comma-separated
+    data_dir="data/shapes",  # where tokenizer.json, train.bin, val.bin, meta.json live (prepared if missing)
+    hf_dataset="HuggingFaceTB/smollm-corpus",
+    hf_config="cosmopedia-v2",
+    text_column="text",
+    max_tokens=5_000_000,   # stop preparing text after this many training tokens
+    shapes_docs=60_000,     # Shapes World training documents to generate
+    # --- the training loop (DESIGN §8) ---
+    batch_size=16,          # sequences per micro-batch (per process)
+    grad_accum_steps=1,     # micro-batches per optimizer step
+    max_iters=1200,         # optimizer steps
+    max_seconds=0.0,        # if > 0, also stop (and save) after this much training time
+    lr=3e-3,
+    min_lr=3e-4,            # cosine decay ends here
+    warmup_iters=50,
+    weight_decay=0.1,
+    beta1=0.9,
+    beta2=0.95,
+    grad_clip=1.0,
+    aux_loss_coef=0.01,     # weight of the Switch load-balancing loss
+    eval_interval=200,
+    eval_iters=20,          # batches per evaluation
+    log_interval=50,
+    dtype="auto",           # "auto" (bf16 on CUDA if supported, else fp16; fp32 on CPU), "float32", "bfloat16", "float16"
+    compile=False,          # wrap the model in torch.compile
+    device="auto",          # "auto", "cpu", "cuda", "cuda:1", ...
+    seed=1337,
+    out_dir="",             # "" means out/<phase>
+    resume=False,           # continue from <out_dir>/ckpt.pt
+    # --- sampling (sample.py) ---
+    prompt="",
+    max_new_tokens=60,
+    temperature=0.0,        # 0 means greedy
+    top_k_sampling=0,       # 0 means no top-k filtering
+    top_p=1.0,
+    ckpt="",                # "" means out/pretrain/ckpt.pt
+)
+
+PRESETS = {
+    # Shapes World on a laptop CPU: a few minutes per phase.
+    "shapes": {},
+    # The seed project's recipe (DESIGN §1, §3): 223,795,968 parameters, 138,861,312 active per token.
+    "llama4_seed": dict(
+        vocab_size=32_000, dim=768, n_layers=12, n_heads=12, n_kv_heads=4, ffn_hidden=2048, moe_hidden=1024,
+        attn_chunk=512, context=1024, text_source="hf", data_dir="data/cosmopedia", max_tokens=200_000_000,
+        batch_size=7, max_iters=20_000, lr=3e-4, min_lr=3e-5, warmup_iters=1000, eval_interval=1000,
+        eval_iters=50, log_interval=100, dtype="auto",
+    ),
+}
+
+
+class ConfigError(ValueError):
+    """A bad preset, key or value on the command line."""
+
+
+def _parse_value(key, text, default):
+    """Convert a command-line string to the type of the key's default."""
+    if isinstance(default, bool):
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"--{key} expects true or false, got {text!r}")
+    if isinstance(default, int):
+        try:
+            return int(text.replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"--{key} expects an integer, got {text!r}") from None
+    if isinstance(default, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"--{key} expects a number, got {text!r}") from None
+    return text
+
+
+def get_config(phase, argv=None, defaults=None):
+    """The config dict for `phase` ("pretrain", "align", ...) from the command line `argv`."""
+    argv = sys.argv[1:] if argv is None else argv
+    config = dict(CONFIG, **(defaults or {}))
+    overrides = {}
+    preset = "shapes"
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"expected --key=value, got {arg!r}")
+        key, has_value, text = arg[2:].partition("=")
+        if not has_value:  # "--key value", or a bare "--flag" meaning true
+            if isinstance(config.get(key), bool) and (not args or args[0].startswith("--")):
+                text = "true"
+            elif args:
+                text = args.pop(0)
+            else:
+                raise ConfigError(f"--{key} needs a value")
+        if key == "preset":
+            preset = text
+        elif key not in config:
+            raise ConfigError(f"unknown config key --{key} (see config.py for the list)")
+        else:
+            overrides[key] = _parse_value(key, text, config[key])
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    phase_presets = {k: v for k, v in PRESETS[preset].items() if not isinstance(v, dict)}
+    config.update(phase_presets)
+    config.update(PRESETS[preset].get(phase, {}))
+    config.update(overrides)
+    config["preset"] = preset
+    config["out_dir"] = config["out_dir"] or f"out/{phase}"
+    return config
