@@ -1,0 +1,474 @@
+"""The test suite: python -m pytest test_everything.py
+
+Every test compares behaviour with an independent reference (a brute-force version, a second code path, an
+invariant), on tiny configs, so the whole file runs in a few minutes on 2 CPU cores.
+"""
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import config as config_module
+import pretrain
+from data import shapes_world
+from data.prepare_text import BOS_ID, EOS_ID, SPECIAL_TOKENS, prepare, train_tokenizer
+from pretrain import MoE, Transformer, generate
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+TINY = dict(config_module.CONFIG, vocab_size=64, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=48,
+            moe_hidden=24, n_experts=4, top_k=2, attn_chunk=8, context=32)
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = Transformer(dict(TINY, **overrides))
+    with torch.no_grad():  # move norms away from 1 so that a wrong norm cannot hide
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.add_(0.1 * torch.randn_like(param))
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model against brute-force references
+# ----------------------------------------------------------------------------------------------------------
+
+def reference_attention(attn, x, offset=0):
+    """Attention written the slow, obvious way: complex-number RoPE, repeated KV heads, a mask from loops."""
+    B, T, _ = x.shape
+    H, KV, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    q = (x @ attn.q_proj.weight.T).view(B, T, H, hd)
+    k = (x @ attn.k_proj.weight.T).view(B, T, KV, hd)
+    v = (x @ attn.v_proj.weight.T).view(B, T, KV, hd)
+    pos = torch.arange(offset, offset + T, dtype=torch.float64)
+    if attn.use_rope:
+        freqs = torch.tensor([10000.0 ** (-2 * i / hd) for i in range(hd // 2)], dtype=torch.float64)
+        rotation = torch.polar(torch.ones(T, hd // 2, dtype=torch.float64), pos[:, None] * freqs)[None, :, None]
+        as_complex = lambda t: torch.view_as_complex(t.double().reshape(*t.shape[:-1], hd // 2, 2))
+        q = torch.view_as_real(as_complex(q) * rotation).flatten(-2).float()
+        k = torch.view_as_real(as_complex(k) * rotation).flatten(-2).float()
+        q = q / torch.sqrt(q.pow(2).mean(-1, keepdim=True) + attn.eps)
+        k = k / torch.sqrt(k.pow(2).mean(-1, keepdim=True) + attn.eps)
+    else:
+        temp = [1 + attn.attn_scale * math.log(math.floor((p + 1) / attn.floor_scale) + 1) for p in pos.tolist()]
+        q = q * torch.tensor(temp)[None, :, None, None]
+    k, v = k.repeat_interleave(H // KV, dim=2), v.repeat_interleave(H // KV, dim=2)  # GQA as plain MHA
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(hd)
+    mask = torch.zeros(T, T, dtype=torch.bool)
+    for i in range(T):
+        for j in range(T):
+            same_chunk = (i + offset) // attn.chunk == (j + offset) // attn.chunk
+            mask[i, j] = j <= i and (same_chunk or not attn.use_rope)
+    out = torch.einsum("bhij,bjhd->bihd", scores.masked_fill(~mask, float("-inf")).softmax(-1), v)
+    return out.reshape(B, T, H * hd) @ attn.o_proj.weight.T
+
+
+@pytest.mark.parametrize("T", [8, 24, 13])  # one chunk, whole chunks (the folded path), a ragged tail (mask path)
+def test_attention_matches_brute_force(T):
+    model = tiny_model(floor_scale=4)  # a small floor_scale makes the NoPE temperature differ from 1
+    x = torch.randn(2, T, TINY["dim"])
+    rope = (model.rope_cos, model.rope_sin)
+    for layer in model.layers:  # layers 0-2 are RoPE + chunked, layer 3 is NoPE + global
+        got = layer.attn(x, rope)
+        torch.testing.assert_close(got, reference_attention(layer.attn, x), atol=2e-5, rtol=1e-4)
+
+
+def test_chunked_mask_matches_brute_force():
+    for length, offset, chunk in [(20, 0, 8), (1, 13, 8), (5, 6, 4), (7, 0, None)]:
+        got = pretrain.attention_mask(length, offset, chunk, torch.device("cpu"))
+        for i in range(length):
+            for j in range(offset + length):
+                q = i + offset
+                expect = j <= q and (chunk is None or j // chunk == q // chunk)
+                assert bool(got[i, j]) == expect, (length, offset, chunk, i, j)
+
+
+def test_rope_depends_only_on_relative_position():
+    cos, sin = pretrain.rope_angles(16, 64, 10000.0)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+    rotated = lambda t, p: pretrain.apply_rope(t, cos[p:p + 1], sin[p:p + 1])
+    dot = lambda m, n: (rotated(q, m) * rotated(k, n)).sum().item()
+    assert dot(5, 2) == pytest.approx(dot(40, 37), abs=1e-5)
+    assert dot(9, 9) == pytest.approx(dot(0, 0), abs=1e-5)
+    assert dot(5, 2) != pytest.approx(dot(5, 3), abs=1e-3)
+    assert rotated(q, 7).norm().item() == pytest.approx(q.norm().item(), rel=1e-5)  # a rotation keeps length
+
+
+def test_causality():
+    model = tiny_model()
+    tokens = torch.randint(0, TINY["vocab_size"], (1, 24))
+    changed = tokens.clone()
+    changed[0, 12] = (changed[0, 12] + 1) % TINY["vocab_size"]
+    with torch.no_grad():
+        before, after = model(tokens)[0], model(changed)[0]
+    torch.testing.assert_close(before[:, :12], after[:, :12])
+    assert (before[:, 12] - after[:, 12]).abs().max() > 1e-4
+
+
+def test_moe_matches_per_token_loop():
+    torch.manual_seed(0)
+    moe = MoE(TINY)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 5, TINY["dim"])
+    got, _ = moe(x)
+    swiglu = lambda h, e: (F.silu(h @ moe.experts.gate_proj[e]) * (h @ moe.experts.up_proj[e])) @ moe.experts.down_proj[e]
+    for b in range(2):
+        for t in range(5):
+            token = x[b, t]
+            logits = token @ moe.router.weight.T
+            expect = moe.shared_expert(token)
+            for e in logits.topk(TINY["top_k"]).indices.tolist():
+                expect = expect + swiglu(token * torch.sigmoid(logits[e]), e)  # the gate scales the input
+            torch.testing.assert_close(got[b, t], expect, atol=1e-5, rtol=1e-4)
+    assert moe.tokens_per_expert.sum().item() == 2 * 5 * TINY["top_k"]  # only routed pairs were computed
+
+
+def test_aux_loss_hand_example():
+    moe = MoE(dict(TINY, dim=2, n_experts=2, top_k=1, moe_hidden=3))
+    with torch.no_grad():
+        moe.router.weight.copy_(torch.eye(2))  # router logits = the input itself
+    x = torch.tensor([[[2.0, 0.0], [1.0, 0.0], [3.0, 0.0]]])  # every token picks expert 0
+    _, aux = moe(x)
+    p0 = sum(1 / (1 + math.exp(-a)) for a in (2.0, 1.0, 3.0)) / 3  # softmax([a, 0])[0] = sigmoid(a)
+    assert aux.item() == pytest.approx(2 * (1.0 * p0 + 0.0 * (1 - p0)), rel=1e-6)  # n_experts * sum f_i P_i
+
+
+def test_kv_cache_matches_full_recompute_across_chunk_boundary():
+    model = tiny_model()
+    tokens = torch.randint(0, TINY["vocab_size"], (2, 26))
+    with torch.no_grad():
+        full = model(tokens)[0]
+        cache = pretrain.KVCache(model, 2, 26)
+        pieces = [model(tokens[:, :5], cache=cache)[0], model(tokens[:, 5:11], cache=cache)[0]]  # crosses 8
+        pieces += [model(tokens[:, t:t + 1], cache=cache)[0] for t in range(11, 26)]        # crosses 16, 24
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=2e-5, rtol=1e-4)
+
+
+def test_generate_greedy_matches_argmax_loop():
+    model = tiny_model()
+    prompt = torch.randint(0, TINY["vocab_size"], (1, 6))
+    got = generate(model, prompt, 14, stop_ids=()).tolist()[0]
+    seq = prompt[0].tolist()
+    with torch.no_grad():
+        for _ in range(14):
+            seq.append(model(torch.tensor([seq]))[0][0, -1].argmax().item())
+    assert got == seq[6:]
+
+
+def test_seed_parameter_count():
+    seed = config_module.get_config("pretrain", ["--preset=llama4_seed"])
+    with torch.device("meta"):
+        model = Transformer(seed)
+    assert pretrain.count_parameters(model) == (223_795_968, 138_861_312)
+    assert [b.is_moe for b in model.layers] == [i % 2 == 1 for i in range(12)]
+    assert [b.use_rope for b in model.layers] == [i % 4 != 3 for i in range(12)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizer and data
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    cfg = dict(config_module.CONFIG, shapes_docs=3000, vocab_size=320,
+               data_dir=str(tmp_path_factory.mktemp("data") / "shapes"))
+    prepare(cfg)
+    return cfg
+
+
+def test_tokenizer_round_trips_any_unicode_and_reserves_special_ids(tiny_data):
+    tokenizer = pretrain.load_tokenizer(tiny_data["data_dir"])
+    rng = random.Random(0)
+    valid = [c for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]
+    texts = ["a red circle 🟥🔺 naïve café 日本語 \t\n  spaces", "\x00\x01\x7f\x80\xff\ufffd\U0010ffff",
+             "e\u0301 combining", "<|image|> and <|eot|> inside text", ""]
+    texts += ["".join(chr(rng.choice(valid)) for _ in range(rng.randint(1, 30))) for _ in range(200)]
+    for text in texts:
+        ids = pretrain.encode(tokenizer, text)
+        assert tokenizer.decode(ids, skip_special_tokens=False) == text
+    for token_id, token in enumerate(SPECIAL_TOKENS):
+        assert tokenizer.token_to_id(token) == token_id
+
+
+def test_token_stream_wraps_documents_and_holds_out_val_documents(tiny_data):
+    tokenizer = pretrain.load_tokenizer(tiny_data["data_dir"])
+    tokens = np.fromfile(os.path.join(tiny_data["data_dir"], "train.bin"), dtype=np.uint16).tolist()
+    ends = [i for i, t in enumerate(tokens) if t == EOS_ID]
+    assert tokens[0] == BOS_ID and tokens[-1] == EOS_ID
+    assert all(tokens[i + 1] == BOS_ID for i in ends[:-1])
+    train_docs = shapes_world.text_documents("train", tiny_data["shapes_docs"], seed=tiny_data["seed"])
+    assert tokenizer.decode(tokens[1:ends[0]]) == train_docs[0]
+    val_tokens = np.fromfile(os.path.join(tiny_data["data_dir"], "val.bin"), dtype=np.uint16).tolist()
+    val_docs = tokenizer.decode(val_tokens, skip_special_tokens=False).split("<|end_of_text|>")
+    val_docs = [d.replace("<|begin_of_text|>", "") for d in val_docs if d]
+    train_captions = {shapes_world.caption(s) for s in shapes_world.make_scenes("train", 3000, seed=tiny_data["seed"])}
+    assert val_docs and not set(val_docs) & set(train_docs)
+    assert not any(c in doc for doc in val_docs for c in train_captions if doc.startswith(c))
+
+
+def test_local_files_prepare(tmp_path):
+    docs = [f"document number {i} says hello" for i in range(120)]
+    (tmp_path / "a.txt").write_text("\n\n".join(docs[:60]))
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs[60:100]))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": docs[100:]}), tmp_path / "c.parquet")
+    source = ",".join(str(tmp_path / name) for name in ("a.txt", "b.jsonl", "c.parquet"))
+    meta = prepare(dict(config_module.CONFIG, text_source=source, vocab_size=300, data_dir=str(tmp_path / "out")))
+    assert meta["train_documents"] + meta["val_documents"] == 120 and meta["val_documents"] == 120 // 50
+    tokenizer = pretrain.load_tokenizer(str(tmp_path / "out"))
+    val = np.fromfile(tmp_path / "out" / "val.bin", dtype=np.uint16).tolist()
+    assert tokenizer.decode(val, skip_special_tokens=True) == docs[49] + docs[99]
+
+
+def test_config_overrides_are_typed():
+    cfg = config_module.get_config("pretrain", ["--max_iters=7", "--lr", "0.5", "--compile", "--device=cpu"])
+    assert (cfg["max_iters"], cfg["lr"], cfg["compile"], cfg["device"]) == (7, 0.5, True, "cpu")
+    assert config_module.get_config("pretrain", ["--preset=llama4_seed"])["dim"] == 768
+    for bad in (["--nope=1"], ["--max_iters=abc"], ["--compile=maybe"], ["--preset=huge"], ["stray"]):
+        with pytest.raises(config_module.ConfigError):
+            config_module.get_config("pretrain", bad)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The training loop
+# ----------------------------------------------------------------------------------------------------------
+
+class FixedBatches:
+    """A given list of training batches, served in order (cycling), and a fixed validation batch."""
+
+    def __init__(self, batches):
+        self.batches, self.position = batches, 0
+
+    def next(self, split="train"):
+        batch = self.batches[self.position % len(self.batches)]
+        self.position += 1
+        return batch
+
+    def eval_batches(self):
+        return self.batches[:1]
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, state):
+        self.position = state["position"]
+
+
+def loop_config(tmp_path, **overrides):
+    base = dict(TINY, out_dir=str(tmp_path), device="cpu", max_iters=1, warmup_iters=1, eval_interval=1000,
+                log_interval=1000, lr=1e-2, min_lr=1e-2, aux_loss_coef=0.0, grad_clip=0.0, resume=False)
+    return dict(base, **overrides)
+
+
+def random_batch(seed, batch_size, length=16):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, TINY["vocab_size"], (batch_size, length + 1), generator=g)
+    return dict(tokens=tokens[:, :-1], targets=tokens[:, 1:])
+
+
+def split_batch(batch, parts):
+    return [{k: v.chunk(parts)[i] for k, v in batch.items()} for i in range(parts)]
+
+
+def test_overfits_one_batch(tmp_path):
+    model = tiny_model().train()
+    history = pretrain.train(loop_config(tmp_path, max_iters=150), model, FixedBatches([random_batch(0, 4)]))
+    assert history[0][1] > 3.5 and history[-1][1] < 0.05
+
+
+def gradients_at_step(run):
+    """The gradients the optimizer sees at its (single) step during run(): the quantity DDP and gradient
+    accumulation must get right. (Comparing weights after Adam's first step would amplify rounding noise in
+    near-zero gradients, since that step is about lr * sign(gradient).)"""
+    seen = {}
+    original = torch.optim.AdamW.step
+
+    def recording_step(optimizer, *args, **kwargs):
+        seen.update({id(p): p.grad.clone() for g in optimizer.param_groups for p in g["params"]})
+        return original(optimizer, *args, **kwargs)
+
+    torch.optim.AdamW.step = recording_step
+    try:
+        model = run()
+    finally:
+        torch.optim.AdamW.step = original
+    return {name: seen[id(p)] for name, p in model.named_parameters()}
+
+
+def train_once(out_dir, batches, **overrides):
+    model = tiny_model()
+    pretrain.train(loop_config(out_dir, **overrides), model, FixedBatches(batches))
+    return model
+
+
+def test_grad_accumulation_matches_one_big_batch(tmp_path):
+    """Two micro-batches of 2 give the gradients of one batch of 4 (the aux loss is off: the Switch loss is
+    defined per batch, so it is not additive over micro-batches)."""
+    batch = random_batch(1, 4)
+    big = gradients_at_step(lambda: train_once(tmp_path / "a", [batch]))
+    small = gradients_at_step(lambda: train_once(tmp_path / "b", split_batch(batch, 2), grad_accum_steps=2,
+                                                 batch_size=2))
+    for name, grad in big.items():
+        torch.testing.assert_close(small[name], grad, atol=1e-7, rtol=1e-4, msg=name)
+
+
+def _ddp_worker(rank, tmp, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    halves = split_batch(random_batch(2, 4), 2)
+    grads = gradients_at_step(lambda: train_once(tmp, [halves[rank]]))
+    if rank == 0:
+        torch.save(grads, os.path.join(tmp, "ddp_grads.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_processes_match_one_process(tmp_path):
+    port = 29500 + os.getpid() % 1000
+    torch.multiprocessing.spawn(_ddp_worker, args=(str(tmp_path), port), nprocs=2, join=True)
+    single = gradients_at_step(lambda: train_once(tmp_path / "single", [random_batch(2, 4)]))
+    ddp = torch.load(tmp_path / "ddp_grads.pt", weights_only=True)
+    for name, grad in single.items():
+        torch.testing.assert_close(ddp[name], grad, atol=1e-7, rtol=1e-4, msg=name)
+
+
+class Killed(Exception):
+    pass
+
+
+class DiesAfter(pretrain.TextBatches):
+    """TextBatches whose process 'dies' when asked for batch number `limit`."""
+
+    def __init__(self, limit, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.limit, self.served = limit, 0
+
+    def next(self, split="train", generator=None):
+        self.served += split == "train" and generator is None
+        if self.served > self.limit:
+            raise Killed()
+        return super().next(split, generator)
+
+
+def test_resume_continues_the_same_loss_curve(tiny_data, tmp_path):
+    cfg = dict(loop_config(tmp_path, **{k: tiny_data[k] for k in ("vocab_size", "data_dir")}),
+               max_iters=12, eval_interval=4, eval_iters=2, context=32, batch_size=4, aux_loss_coef=0.01,
+               grad_clip=1.0, warmup_iters=3, min_lr=1e-3)
+    make_batches = lambda cls, *a: cls(*a, tiny_data["data_dir"], 32, 4, torch.device("cpu"), 5, 0, 2)
+    whole = pretrain.train(dict(cfg, out_dir=str(tmp_path / "whole")), tiny_model(vocab_size=320),
+                           make_batches(pretrain.TextBatches))
+    with pytest.raises(Killed):  # dies during step 7, after the checkpoint at step 4
+        pretrain.train(dict(cfg, out_dir=str(tmp_path / "cut")), tiny_model(vocab_size=320),
+                       make_batches(DiesAfter, 7))
+    resumed = pretrain.train(dict(cfg, out_dir=str(tmp_path / "cut"), resume=True), tiny_model(seed=9, vocab_size=320),
+                             make_batches(pretrain.TextBatches))
+    assert [s for s, _ in resumed] == list(range(4, 12))
+    assert [l for _, l in resumed] == pytest.approx([l for _, l in whole[4:]], rel=1e-5)
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    pretrain.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+
+    def crash_mid_write(obj, f):
+        with open(f, "wb") as handle:
+            handle.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
+    monkeypatch.undo()
+    state = pretrain.load_checkpoint(path)
+    assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
+    model = tiny_model().train()
+    calls = {"n": 0}
+
+    def poison(module, inputs, output):  # the 4th training forward produces NaN logits
+        calls["n"] += module.training
+        return output * float("nan") if calls["n"] == 4 else output
+
+    model.lm_head.register_forward_hook(poison)
+    with pytest.raises(pretrain.TrainingError, match="loss is nan at step 3"):
+        pretrain.train(loop_config(tmp_path, max_iters=10, eval_interval=2), model, FixedBatches([random_batch(0, 2)]))
+    state = pretrain.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command lines and bad input: one clear line, a non-zero exit, no traceback, nothing overwritten
+# ----------------------------------------------------------------------------------------------------------
+
+def run(*args, env=None):
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, **(env or {})))
+
+
+def assert_clean_error(result, *phrases):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0, result.stdout
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for phrase in phrases:
+        assert phrase in lines[0], lines[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pretrain")
+    args = ["pretrain.py", f"--data_dir={tiny_data['data_dir']}", "--vocab_size=320", f"--out_dir={out}",
+            "--dim=32", "--n_layers=4", "--n_heads=4", "--n_kv_heads=2", "--ffn_hidden=48", "--moe_hidden=24",
+            "--context=64", "--attn_chunk=16", "--max_iters=30", "--eval_interval=30", "--eval_iters=2",
+            "--warmup_iters=5", "--batch_size=8", "--device=cpu"]
+    result = run(*args)
+    assert result.returncode == 0, result.stderr
+    assert "eval step 30: val loss" in result.stdout
+    return out / "ckpt.pt", args
+
+
+def test_sample_cli_and_its_bad_input(tiny_ckpt, tmp_path):
+    ckpt, _ = tiny_ckpt
+    ok = run("sample.py", f"--ckpt={ckpt}", "--prompt", "a red", "--max_new_tokens=5", "--device=cpu")
+    assert ok.returncode == 0 and ok.stdout.startswith("a red"), ok.stderr
+    assert_clean_error(run("sample.py", f"--ckpt={tmp_path / 'none.pt'}", "--prompt=a"), "python pretrain.py")
+    assert_clean_error(run("sample.py", f"--ckpt={ckpt}", "--prompt="), "prompt is empty")
+    assert_clean_error(run("sample.py", f"--ckpt={ckpt}", "--prompt=" + "red " * 100), "context is 64")
+    assert_clean_error(run("sample.py", "--colour=red"), "unknown config key --colour")
+    assert_clean_error(run("sample.py", "--max_new_tokens=many"), "expects an integer")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert_clean_error(run("sample.py", f"--ckpt={tmp_path / 'junk.pt'}", "--prompt=a"), "not a readable checkpoint")
+    state = torch.load(ckpt, weights_only=True)
+    state["config"] = dict(state["config"], dim=48)
+    torch.save(state, tmp_path / "other.pt")
+    assert_clean_error(run("sample.py", f"--ckpt={tmp_path / 'other.pt'}", "--prompt=a"), "different model config")
+
+
+def test_resume_with_another_config_fails_cleanly_and_keeps_the_checkpoint(tiny_ckpt):
+    ckpt, args = tiny_ckpt
+    before = ckpt.read_bytes()
+    assert_clean_error(run(*args, "--resume=True", "--dim=48", "--max_iters=40"), "different model config")
+    assert ckpt.read_bytes() == before
+
+
+def test_data_bad_input(tmp_path):
+    target = tmp_path / "prepared"
+    assert_clean_error(run("pretrain.py", "--text_source=hf", f"--data_dir={target}",
+                           env={"HF_HUB_OFFLINE": "1"}), "cannot reach the Hugging Face Hub", "--text_source=")
+    (tmp_path / "empty.txt").write_text("")
+    assert_clean_error(run("pretrain.py", f"--text_source={tmp_path / 'empty.txt'}", f"--data_dir={target}"),
+                       "empty")
+    assert_clean_error(run("pretrain.py", f"--text_source={tmp_path / 'missing.txt'}", f"--data_dir={target}"),
+                       "not found")
+    assert not target.exists()
