@@ -702,13 +702,15 @@ def main(argv=None):
         ensure_text_data(config)
     if world > 1:
         torch.distributed.barrier()  # the other ranks wait until rank 0 has prepared the data
-    ensure_text_data(config)
+    meta = ensure_text_data(config)
     tokenizer = load_tokenizer(config["data_dir"])
     model = Transformer(config)
     if rank == 0:
         print(describe_model(model), flush=True)
         print(f"training on {device} x {world}: {config['max_iters']} steps of "
-              f"{config['batch_size'] * config['grad_accum_steps'] * world} x {config['context']} tokens", flush=True)
+              f"{config['batch_size'] * config['grad_accum_steps'] * world} x {config['context']} tokens; "
+              f"baseline: token frequencies alone give val loss {meta.get('unigram_val_loss', float('nan')):.3f}",
+              flush=True)
     batches = TextBatches(config["data_dir"], config["context"], config["batch_size"], device, config["seed"],
                           rank, config["eval_iters"])
     train(config, model, batches, checkpoint_extra=dict(tokenizer=tokenizer.to_str()))

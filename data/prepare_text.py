@@ -141,6 +141,15 @@ def write_tokens(path, documents, tokenizer, max_tokens=None):
     return n_tokens
 
 
+def unigram_loss(out, vocab_size):
+    """The baseline a model must beat: validation cross-entropy (nats/token) when every token is predicted
+    from its training frequency alone (add-one smoothed), ignoring all context."""
+    train = np.fromfile(os.path.join(out, "train.bin"), dtype=np.uint16)
+    val = np.fromfile(os.path.join(out, "val.bin"), dtype=np.uint16)
+    counts = np.bincount(train, minlength=vocab_size) + 1.0
+    return float(-np.log(counts[val] / counts.sum()).mean())
+
+
 def read_documents(config):
     """(train, val) document lists for the configured source. Hub text is read only up to roughly
     max_tokens (about 4 characters per token) so that streaming stops early."""
@@ -170,11 +179,13 @@ def prepare(config):
     n_val = write_tokens(os.path.join(out, "val.bin"), val_docs, tokenizer)
     meta = dict(source=config["text_source"], vocab_size=config["vocab_size"],
                 tokenizer_vocab=tokenizer.get_vocab_size(), train_tokens=n_train, val_tokens=n_val,
+                unigram_val_loss=unigram_loss(out, config["vocab_size"]),
                 train_documents=len(train_docs), val_documents=len(val_docs), special_tokens=SPECIAL_TOKENS)
     with open(os.path.join(out, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
     print(f"wrote {n_train:,} training and {n_val:,} validation tokens "
-          f"(tokenizer uses {meta['tokenizer_vocab']:,} of {config['vocab_size']:,} ids)", flush=True)
+          f"(tokenizer uses {meta['tokenizer_vocab']:,} of {config['vocab_size']:,} ids); "
+          f"predicting tokens from their frequencies alone gives val loss {meta['unigram_val_loss']:.3f}", flush=True)
     return meta
 
 
