@@ -4,7 +4,7 @@
     python pretrain.py --preset=llama4_seed              # the seed's full recipe
     python pretrain.py --max_iters=200 --batch_size=8    # any entry can be overridden (--key value works too)
 
-Resolution order: CONFIG (defaults) < PRESETS[preset] < PRESETS[preset][phase] < command line.
+Resolution order: CONFIG < PHASE_DEFAULTS[phase] < PRESETS[preset] < PRESETS[preset][phase] < command line.
 Every value on the command line is checked against the type of its default.
 """
 import sys
@@ -58,6 +58,23 @@ CONFIG = dict(
     seed=1337,
     out_dir="",             # "" means out/<phase>
     resume=False,           # continue from <out_dir>/ckpt.pt
+    # --- phase 2: vision-language alignment (DESIGN §6) ---
+    llm_ckpt="out/pretrain/ckpt.pt",  # the phase-1 checkpoint whose LLM is frozen and extended
+    vision_model="shapes_vit",  # "shapes_vit" (a small torchvision ViT for 64 px Shapes World) or "vit_b_16"
+    vision_weights="shapes",    # "shapes" (train the stand-in, cached), "IMAGENET1K_V1", a .pth path, or "none"
+    vision_layer=-1,            # -1: patch tokens after the final LayerNorm; -2: of the penultimate block, ...
+    image_size=64,              # the encoder's input side (vit_b_16: resize 256, centre-crop 224)
+    pixel_shuffle=2,            # fold 2x2 neighbouring patch tokens into one (4x fewer image tokens); 1 = off
+    projector_hidden=512,       # the MLP projector: Linear(vision_dim * shuffle^2, hidden) -> GELU -> Linear(hidden, dim)
+    caption_source="shapes",    # "shapes", "hf" (caption_dataset), a folder with metadata.jsonl, or COCO-style .parquet
+    caption_dataset="jxie/coco_captions",
+    max_caption_tokens=64,      # longer captions are cut
+    cache_features=True,        # encode each image once with the frozen encoder and reuse the features
+    train_images=12_000,        # Shapes World scenes for caption training
+    eval_images=200,            # held-out scenes whose generated captions are scored at each eval
+    epochs=0,                   # if > 0, max_iters = epochs over the training captions
+    encoder_steps=800,          # Shapes World: steps of the stand-in "ImageNet pretraining" of the encoder
+    encoder_lr=2e-3,
     # --- sampling (sample.py) ---
     prompt="",
     max_new_tokens=60,
@@ -76,7 +93,17 @@ PRESETS = {
         attn_chunk=512, context=1024, text_source="hf", data_dir="data/cosmopedia", max_tokens=200_000_000,
         batch_size=7, max_iters=20_000, lr=3e-4, min_lr=3e-5, warmup_iters=1000, eval_interval=1000,
         eval_iters=50, log_interval=100, dtype="auto",
+        align=dict(vision_model="vit_b_16", vision_weights="IMAGENET1K_V1", image_size=224, pixel_shuffle=1,
+                   projector_hidden=3072, caption_source="hf", batch_size=48, lr=2e-4, min_lr=2e-5, epochs=3,
+                   warmup_iters=200, eval_interval=2000, eval_iters=50, log_interval=100),
     ),
+}
+
+
+# Each phase's own defaults, applied over CONFIG and under the presets.
+PHASE_DEFAULTS = {
+    "align": dict(lr=1e-3, min_lr=1e-4, batch_size=32, max_iters=600, warmup_iters=30, eval_interval=200,
+                  log_interval=50, eval_iters=10),
 }
 
 
@@ -105,10 +132,10 @@ def _parse_value(key, text, default):
     return text
 
 
-def get_config(phase, argv=None, defaults=None):
+def get_config(phase, argv=None):
     """The config dict for `phase` ("pretrain", "align", ...) from the command line `argv`."""
     argv = sys.argv[1:] if argv is None else argv
-    config = dict(CONFIG, **(defaults or {}))
+    config = dict(CONFIG, **PHASE_DEFAULTS.get(phase, {}))
     overrides = {}
     preset = "shapes"
     args = list(argv)

@@ -36,7 +36,7 @@ from pretrain import TrainingError, model_from_checkpoint
 
 
 class ExportError(RuntimeError):
-    """An output folder that cannot be written; the message says what to do."""
+    """An export that cannot be written (a bad output folder, a missing package); the message says what to do."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -48,8 +48,8 @@ def hf_config(config, dtype):
     (i + 1) % moe_every == 0 and NoPE when (i + 1) % nope_every == 0. The layer lists are written out in
     full so that no default of transformers (a MoE on every layer, NoPE every 4th) decides for us."""
     layers = range(config["n_layers"])
-    use_rope = [int((i + 1) % config["nope_every"] != 0) for i in layers]  # transformers' name, our meaning:
-    chunk = config["attn_chunk"] or None                                   # 1 = RoPE layer, 0 = NoPE layer
+    use_rope = [int((i + 1) % config["nope_every"] != 0) for i in layers]  # 1: RoPE layer, 0: NoPE layer
+    chunk = config["attn_chunk"] or None                                   # 0 means no chunking
     return {
         "architectures": ["Llama4ForCausalLM"],
         "model_type": "llama4_text",
@@ -75,8 +75,9 @@ def hf_config(config, dtype):
         # Attention: iRoPE. RoPE layers rotate, L2-normalise q and k, and attend within chunks; NoPE layers
         # attend globally with the temperature 1 + attn_scale * log(floor((pos + 1) / floor_scale) + 1) on q.
         "rope_parameters": {"rope_type": "default", "rope_theta": config["rope_theta"]},
+        "rope_theta": config["rope_theta"],              # where transformers 4.x looks for it
         "no_rope_layer_interval": config["nope_every"],
-        "no_rope_layers": use_rope,
+        "no_rope_layers": use_rope,                      # despite its name, 1 marks a layer that *uses* RoPE
         "attention_chunk_size": chunk,
         "layer_types": ["chunked_attention" if rope and chunk else "full_attention" for rope in use_rope],
         "use_qk_norm": True,
@@ -188,8 +189,7 @@ def check_output(out_dir):
         raise ExportError(f"{out_dir} is a file, not a folder; pass a new folder, e.g. out/hf")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise ExportError(f"{out_dir} is not empty; pass a new or empty folder (or delete it first)")
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    ancestor = parent
+    ancestor = os.path.dirname(os.path.abspath(out_dir))  # the nearest existing folder above out_dir
     while not os.path.exists(ancestor):
         ancestor = os.path.dirname(ancestor)
     if not os.path.isdir(ancestor) or not os.access(ancestor, os.W_OK | os.X_OK):
@@ -205,9 +205,13 @@ def write_json(path, data):
 def export(ckpt_path, out_dir):
     """Write the transformers folder for the checkpoint at ckpt_path. Everything is written into a temporary
     folder beside out_dir and moved into place at the end, so a failed export leaves nothing behind."""
-    from safetensors.torch import save_file
     check_output(out_dir)
     model, tokenizer, state = model_from_checkpoint(ckpt_path)  # checks the weights fit the config
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise ExportError("exporting needs the safetensors package: pip install -r requirements-test.txt "
+                          "(safetensors, and transformers to load the export)") from None
     config, weights = model.config, model.state_dict()
     tokenizer_json, tokenizer_config = hf_tokenizer_files(tokenizer, config["context"])
     tmp = f"{os.path.abspath(out_dir)}.tmp-{os.getpid()}"

@@ -577,7 +577,7 @@ def flops_per_token(config):
 def train(config, model, batches, evaluate_extra=None, lr_scale=None, checkpoint_extra=None):
     """The hand-written training loop shared by every phase.
 
-    model(**batch) must return (logits, loss, aux_loss); batches gives .next("train"), .eval_batches(),
+    model(**batch) must return (logits, loss, aux_loss or None); batches gives .next("train"), .eval_batches(),
     .state_dict(). evaluate_extra(model) may add metrics (e.g. caption accuracy) to each evaluation.
     Returns the list of (step, training loss) pairs, for tests.
     """
@@ -605,7 +605,6 @@ def train(config, model, batches, evaluate_extra=None, lr_scale=None, checkpoint
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    tokens_per_step = config["batch_size"] * config["context"] * config["grad_accum_steps"] * world
     mfu_denominator = peak_flops(device)
     flops = flops_per_token(raw_model.config) if mfu_denominator else 0
 
@@ -631,22 +630,25 @@ def train(config, model, batches, evaluate_extra=None, lr_scale=None, checkpoint
             checkpoint(val_loss)
 
     raw_model.train()
-    start_step, t0, started = step, time.time(), time.time()
+    start_step, t0, started, processed = step, time.time(), time.time(), 0
     while step < config["max_iters"]:
         if step % config["eval_interval"] == 0 and step > start_step:
             run_eval()
+            t0, processed = time.time(), 0  # keep evaluation time out of the tokens/s figure
         lr = lr_at(step, config)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         for micro_step in range(config["grad_accum_steps"]):
             batch = batches.next("train")
+            processed += batch["tokens"].numel() if "tokens" in batch else len(next(iter(batch.values())))
             last = micro_step == config["grad_accum_steps"] - 1
             # DDP all-reduces gradients on every backward; skip it on all but the last micro-step.
             sync = model.no_sync() if world > 1 and not last else contextlib.nullcontext()
             with sync:
                 with autocast:
                     _, loss, aux_loss = model(**batch)
-                    total = (loss + config["aux_loss_coef"] * aux_loss) / config["grad_accum_steps"]
+                    total = loss if aux_loss is None else loss + config["aux_loss_coef"] * aux_loss
+                    total = total / config["grad_accum_steps"]
                 scaler.scale(total).backward()
         loss_value = loss.item()
         if not math.isfinite(loss_value):
@@ -661,11 +663,10 @@ def train(config, model, batches, evaluate_extra=None, lr_scale=None, checkpoint
         history.append((step, loss_value))
         step += 1
         if master and (step % config["log_interval"] == 0 or step == 1):
-            elapsed, t0 = time.time() - t0, time.time()
-            steps_done = config["log_interval"] if step > 1 else 1
-            speed = tokens_per_step * steps_done / elapsed
-            line = (f"step {step:>6} | loss {loss_value:.4f} | aux {aux_loss.item():.3f} | lr {lr:.2e} | "
-                    f"{speed:,.0f} tok/s")
+            speed, t0, processed = processed * world / (time.time() - t0), time.time(), 0
+            aux = f" | aux {aux_loss.item():.3f}" if aux_loss is not None else ""
+            unit = "tok/s" if "tokens" in batch else "samples/s"
+            line = f"step {step:>6} | loss {loss_value:.4f}{aux} | lr {lr:.2e} | {speed:,.0f} {unit}"
             if mfu_denominator:
                 line += (f" | MFU {100 * speed * flops / mfu_denominator:.1f}% | "
                          f"mem {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")

@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 
 import config as config_module
+import export_hf
 import pretrain
+from config import CONFIG
 from data import shapes_world
 from data.prepare_text import BOS_ID, EOS_ID, SPECIAL_TOKENS, prepare, train_tokenizer
 from pretrain import MoE, Transformer, generate
@@ -472,3 +474,137 @@ def test_data_bad_input(tmp_path):
     assert_clean_error(run("pretrain.py", f"--text_source={tmp_path / 'missing.txt'}", f"--data_dir={target}"),
                        "not found")
     assert not target.exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Export to Hugging Face transformers: an implementation nobody here wrote must give the same logits
+# ----------------------------------------------------------------------------------------------------------
+
+def _random_llama4_checkpoint(tmp_path, **overrides):
+    """A tiny model with every feature on (dense and MoE layers, RoPE and NoPE layers, several attention chunks)
+    and *all* weights random, norms included, saved as a phase-1 checkpoint with its tokenizer."""
+    config = dict(CONFIG, vocab_size=320, dim=64, n_layers=6, n_heads=4, n_kv_heads=2, ffn_hidden=96,
+                  moe_hidden=48, n_experts=4, top_k=2, moe_every=2, nope_every=3, attn_chunk=8, context=64)
+    config.update(overrides)
+    tokenizer = train_tokenizer(["a red circle is left of a blue square.", "Héllo wörld, café! 漢字 🙂🚀",
+                                 "the big green triangle is at the top."] * 10, config["vocab_size"])
+    torch.manual_seed(0)
+    model = Transformer(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1 + 0.1 * torch.randn_like(param))
+            else:
+                param.normal_(0, 0.1)
+    path = tmp_path / "ckpt.pt"
+    torch.save(dict(model=model.state_dict(), config=config, tokenizer=tokenizer.to_str(), step=0), path)
+    return model, tokenizer, path
+
+
+def _check_against_transformers(model, out_dir, lengths=(40, 37), prompt_len=13, new_tokens=20):
+    """Logits of a full forward, greedy generation, and the logits of transformers' cached decoding steps
+    all match our model. Returns the loaded transformers model."""
+    from transformers import AutoModelForCausalLM
+    hf_model, info = AutoModelForCausalLM.from_pretrained(out_dir, output_loading_info=True)
+    hf_model.eval()
+    assert type(hf_model).__name__ == "Llama4ForCausalLM"
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for length in lengths:  # several chunks; a whole number of chunks and not (two code paths in Attention)
+            tokens = torch.randint(0, model.config["vocab_size"], (3, length), generator=generator)
+            ours, _, _ = model(tokens)
+            theirs = hf_model(tokens).logits
+            assert (ours - theirs).abs().max().item() <= 1e-4
+    # Greedy decoding with each side's KV cache, past several chunk boundaries (transformers keeps a sliding
+    # window cache of attention_chunk_size on the chunked layers); no stop token on either side.
+    prompt = tokens[:1, :prompt_len]
+    ours_new = pretrain.generate(model, prompt, new_tokens, stop_ids=())
+    out = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                            do_sample=False, eos_token_id=None, output_logits=True, return_dict_in_generate=True)
+    assert out.sequences[:, prompt_len:].tolist() == ours_new.tolist()
+    with torch.no_grad():
+        full, _, _ = model(out.sequences[:, :-1])                     # recompute the whole sequence at once
+    assert (torch.stack(out.logits, dim=1) - full[:, prompt_len - 1:]).abs().max().item() <= 1e-4
+    # With the exported generation_config, transformers stops where our generate stops.
+    stopped = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                                do_sample=False)
+    assert stopped[:, prompt_len:].tolist() == pretrain.generate(model, prompt, new_tokens).tolist()
+    return hf_model
+
+
+def test_export_hf_matches_transformers(tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import AutoTokenizer
+    model, tokenizer, ckpt = _random_llama4_checkpoint(tmp_path)
+    out_dir = tmp_path / "hf"
+    export_hf.export(str(ckpt), str(out_dir))
+    hf_model = _check_against_transformers(model, out_dir)
+    c = hf_model.config
+    assert (c.moe_layers, c.no_rope_layers, c.attention_chunk_size) == ([1, 3, 5], [1, 1, 0, 1, 1, 0], 8)
+    assert (c.intermediate_size, c.intermediate_size_mlp, c.max_position_embeddings) == (48, 96, 64)
+    assert not c.tie_word_embeddings and c.rope_parameters["rope_theta"] == CONFIG["rope_theta"]
+
+    hf_tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    assert (hf_tokenizer.bos_token, hf_tokenizer.eos_token, hf_tokenizer.pad_token) == tuple(SPECIAL_TOKENS[:3])
+    assert (hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id, hf_tokenizer.pad_token_id) == (0, 1, 2)
+    texts = ["a red circle", "Héllo wörld, café, naïve, Ångström", "漢字かな交じり文", "emoji 🙂🚀👩‍👩‍👧",
+             "  two  spaces,\ttab\t\tand\n\nnewlines   ", " leading space", "", "".join(SPECIAL_TOKENS),
+             "<|begin_of_text|>a document<|end_of_text|>", "x<|image|>y <|user|> q <|assistant|> a<|eot|>"]
+    for text in texts:
+        ours = pretrain.encode(tokenizer, text)
+        assert hf_tokenizer(text, add_special_tokens=False).input_ids == ours, text
+        assert hf_tokenizer(text).input_ids == [BOS_ID] + ours, text  # by default, as sample.py prompts
+        assert hf_tokenizer.decode(ours) == tokenizer.decode(ours, skip_special_tokens=False), text
+        assert hf_tokenizer.decode(ours, skip_special_tokens=True) == tokenizer.decode(ours), text
+
+
+def test_export_hf_nope_temperature(tmp_path):
+    """The NoPE layers' query temperature is 1 below position floor_scale - 1; with floor_scale=4 it is not,
+    and the exported model must still match."""
+    pytest.importorskip("transformers")
+    model, _, ckpt = _random_llama4_checkpoint(tmp_path, n_layers=4, nope_every=2, floor_scale=4)
+    tokens = torch.randint(0, model.config["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(2))
+    untuned = pretrain.Transformer(dict(model.config, floor_scale=8192)).eval()
+    untuned.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert (untuned(tokens)[0] - model(tokens)[0]).abs().max().item() > 0.05  # the temperature matters here
+    export_hf.export(str(ckpt), str(tmp_path / "hf"))
+    hf_model = _check_against_transformers(model, tmp_path / "hf")
+    assert (hf_model.config.floor_scale, hf_model.config.attn_scale) == (4, CONFIG["attn_scale"])
+
+
+def test_export_hf_bad_input(tmp_path):
+    """A missing checkpoint or an unusable output folder: one error line, non-zero exit, nothing written."""
+    root = os.path.dirname(os.path.abspath(pretrain.__file__))
+    result = subprocess.run([sys.executable, "export_hf.py", str(tmp_path / "missing.pt"), str(tmp_path / "hf")],
+                            cwd=root, capture_output=True, text=True)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("error: no checkpoint at") and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "hf").exists()
+    _, _, ckpt = _random_llama4_checkpoint(tmp_path)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    with pytest.raises(export_hf.ExportError, match="not empty"):
+        export_hf.export(str(ckpt), str(tmp_path / "full"))
+    with pytest.raises(export_hf.ExportError, match="is a file"):
+        export_hf.export(str(ckpt), str(ckpt))
+    assert os.listdir(tmp_path / "full") == ["keep.txt"] and sorted(os.listdir(tmp_path)) == ["ckpt.pt", "full"]
+
+
+def test_export_hf_trained_checkpoint(tiny_ckpt, tiny_data, tmp_path):
+    """The same check on a checkpoint trained on Shapes World, over real validation text."""
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM
+    ckpt, _ = tiny_ckpt
+    model, _, _ = pretrain.model_from_checkpoint(str(ckpt))
+    export_hf.export(str(ckpt), str(tmp_path / "hf"))
+    hf_model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    val = np.fromfile(os.path.join(tiny_data["data_dir"], "val.bin"), dtype=np.uint16)[:4 * 64]
+    tokens = torch.from_numpy(val.astype(np.int64)).view(4, 64)
+    with torch.no_grad():
+        assert (model(tokens)[0] - hf_model(tokens).logits).abs().max().item() <= 1e-4
+    prompt = tokens[:1, :10]
+    hf_ids = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False,
+                               eos_token_id=None)
+    assert hf_ids[:, 10:].tolist() == generate(model, prompt, 20, stop_ids=()).tolist()

@@ -1,0 +1,486 @@
+"""Phase 2: vision-language alignment. Teach the frozen phase-1 LLM to read images.
+
+    python align.py                           # Shapes World on the CPU, a few minutes
+    python align.py --preset=llama4_seed      # ViT-B/16 (ImageNet weights) + COCO captions, bf16 on CUDA
+    python align.py --caption_source=my_images/   # a folder of images with metadata.jsonl
+
+    image ─► frozen vision transformer ─► patch tokens (B, patches, vision_dim)
+          ─► pixel shuffle (optional) ─► trainable MLP projector ─► image tokens (B, n_image_tokens, dim)
+    text  "<|begin_of_text|> <|image|> x n_image_tokens  a red circle ... <|end_of_text|>"
+          the <|image|> placeholders' embeddings are replaced by the image tokens ─► frozen LLM ─► caption loss
+
+Only the projector learns (4.7M parameters in the seed recipe): the encoder already sees, the LLM already
+speaks, and the projector learns to translate one into the other. This file adds only what is new - the
+encoder, the projector, the VLM glue, caption batches, caption scoring - and imports the LLM, generation and
+the training loop from pretrain.py.
+"""
+import hashlib
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from config import ConfigError, get_config
+from data import shapes_world
+from data.captions import caption_set
+from data.prepare_text import BOS_ID, EOS_ID, IMAGE_ID, PAD_ID, SPECIAL_TOKENS, DataError
+from pretrain import (TrainingError, Transformer, encode, generate, load_checkpoint, load_model_state,
+                      load_tokenizer, model_from_checkpoint, setup_device, train)
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The vision encoder: a torchvision VisionTransformer, frozen
+# ----------------------------------------------------------------------------------------------------------
+
+def build_vision_transformer(config):
+    """The encoder's architecture, with random weights (load_vision_weights fills them in).
+    vit_b_16: 224 px, 16 px patches -> 14 x 14 = 196 patch tokens of 768 dims, 86M parameters.
+    shapes_vit: 64 px Shapes World images, 8 px patches -> 8 x 8 = 64 patch tokens of 128 dims, 0.8M."""
+    from torchvision.models import VisionTransformer, vit_b_16
+    if config["vision_model"] == "vit_b_16":
+        return vit_b_16()
+    if config["vision_model"] == "shapes_vit":
+        return VisionTransformer(image_size=config["image_size"], patch_size=8, num_layers=4, num_heads=4,
+                                 hidden_dim=128, mlp_dim=512)
+    raise ConfigError(f"unknown --vision_model={config['vision_model']}; use vit_b_16 or shapes_vit")
+
+
+def image_transform(config):
+    """Pillow image -> normalised (3, H, W) tensor. vit_b_16 uses its ImageNet weights' own preprocessing
+    (resize 256, centre-crop 224); Shapes World images are simply resized. Any image mode becomes RGB."""
+    from torchvision import transforms
+    if config["vision_model"] == "vit_b_16":
+        resize = [transforms.Resize(256), transforms.CenterCrop(224)]
+    else:
+        resize = [transforms.Resize((config["image_size"], config["image_size"]))]
+    return transforms.Compose([to_rgb, *resize, transforms.ToTensor(),
+                               transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def to_rgb(image):
+    """Any Pillow mode as 8-bit RGB. 16- and 32-bit grey images are rescaled to 0..255 first, since a plain
+    convert("RGB") would clip them to white."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        values = np.asarray(image, dtype=np.float32)
+        span = max(float(values.max() - values.min()), 1e-6)
+        from PIL import Image
+        image = Image.fromarray(((values - values.min()) / span * 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
+def patch_tokens(vit, images, layer=-1):
+    """The patch tokens (B, patches, vision_dim) of a torchvision VisionTransformer, CLS token dropped:
+    after the final LayerNorm (layer=-1), or the output of an earlier block (layer=-2: the penultimate,
+    which LLaVA uses)."""
+    x = vit._process_input(images)                                      # (B, patches, vision_dim)
+    x = torch.cat([vit.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+    x = vit.encoder.dropout(x + vit.encoder.pos_embedding)
+    blocks = vit.encoder.layers
+    x = vit.encoder.ln(blocks(x)) if layer == -1 else blocks[:len(blocks) + layer + 1](x)
+    return x[:, 1:]
+
+
+def load_vision_weights(vit, config, device):
+    """Fill the encoder with config["vision_weights"]: "IMAGENET1K_V1" (torchvision's download), "shapes"
+    (the Shapes World stand-in, trained once and cached), a local state-dict path, or "none" (random)."""
+    name = config["vision_weights"]
+    if name == "none":
+        return
+    if name == "IMAGENET1K_V1":
+        state = imagenet_weights()
+    elif name == "shapes":
+        path = os.path.join("out", "align", "shapes_vit.pt")
+        if not os.path.exists(path):
+            pretrain_shapes_encoder(config, device, path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        if not os.path.isfile(name):
+            raise DataError(f"--vision_weights={name}: no such file (use IMAGENET1K_V1, shapes, none or a .pth path)")
+        state = load_checkpoint(name, make_it="torch.save(model.state_dict(), PATH) of a torchvision ViT")
+    state = {k: v for k, v in state.items() if not k.startswith("heads.")}  # the classifier is not used
+    missing, unexpected = vit.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("heads.")]
+    if missing or unexpected:
+        raise DataError(f"--vision_weights={name} does not fit --vision_model={config['vision_model']} "
+                        f"(missing {missing[:2]}, unexpected {unexpected[:2]})")
+
+
+def imagenet_weights():
+    """torchvision's ImageNet-1K ViT-B/16 weights, downloaded once into torch's hub cache."""
+    from torchvision.models import ViT_B_16_Weights
+    weights = ViT_B_16_Weights.IMAGENET1K_V1
+    try:
+        return weights.get_state_dict(progress=True)
+    except OSError as error:  # URLError and socket errors are OSErrors
+        cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+        raise DataError(f"cannot download the ViT-B/16 ImageNet weights ({type(error).__name__}); put "
+                        f"{os.path.basename(weights.url)} from {weights.url} at {cached}, or pass "
+                        f"--vision_weights=PATH to a local state dict") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The stand-in for ImageNet pretraining (Shapes World only)
+# ----------------------------------------------------------------------------------------------------------
+# A *randomly initialised* frozen encoder gives patch tokens that are nearly identical to each other: colour
+# survives, shape kind barely does, and the projector cannot recover what the encoder never extracted.
+# Real recipes freeze an encoder that was pretrained on ImageNet. Offline we have no such weights, so we
+# pretrain the small encoder ourselves on what Shapes World images contain: every patch token is taught to
+# say which cell of the 3x3 grid it lies in, and the kind, colour and size of the shape there (or "empty").
+# Then the temporary head is dropped and the encoder is frozen, exactly as the real recipe freezes ViT-B/16.
+
+ATTRIBUTES = (("kind", ("empty",) + shapes_world.KINDS), ("color", ("empty",) + tuple(shapes_world.COLORS)),
+              ("size", ("empty",) + shapes_world.SIZES), ("cell", shapes_world.POSITIONS))
+
+
+def patch_labels(scene, grid):
+    """(grid * grid, 4) labels of one scene: kind, colour, size (0 = empty) and cell of each patch."""
+    by_cell = {s["position"]: s for s in scene["shapes"]}
+    labels = []
+    for row in range(grid):
+        for col in range(grid):
+            cell = shapes_world.POSITIONS[(row * 3 // grid) * 3 + col * 3 // grid]
+            shape = by_cell.get(cell)
+            labels.append([values.index(shape[attr]) if shape else 0 for attr, values in ATTRIBUTES[:3]]
+                          + [shapes_world.POSITIONS.index(cell)])
+    return labels
+
+
+class PatchClassifier(nn.Module):
+    """The encoder plus a temporary linear head on every patch token; forward returns (logits, loss, None)
+    so that pretrain.train can run it."""
+
+    def __init__(self, vit):
+        super().__init__()
+        self.vit = vit
+        self.sizes = [len(values) for _, values in ATTRIBUTES]
+        self.head = nn.Linear(vit.hidden_dim, sum(self.sizes))
+
+    def forward(self, images, labels):
+        logits = self.head(patch_tokens(self.vit, images)).split(self.sizes, dim=-1)  # 4 x (B, patches, n)
+        loss = sum(F.cross_entropy(l.flatten(0, 1), labels[..., i].flatten()) for i, l in enumerate(logits))
+        return logits, loss, None
+
+
+class ImageBatches:
+    """Rendered Shapes World images with their patch labels, for the encoder's pretraining."""
+
+    def __init__(self, config, device, rank=0):
+        grid = config["image_size"] // 8
+        transform = image_transform(config)
+        self.data = {}
+        for split, n in (("train", 8000), ("val", 500)):
+            scenes = shapes_world.make_scenes(split, n, seed=config["seed"] + 1)
+            images = torch.stack([transform(shapes_world.render(s, config["image_size"])) for s in scenes])
+            labels = torch.tensor([patch_labels(s, grid) for s in scenes])
+            self.data[split] = (images, labels)
+        self.batch_size, self.device = config["batch_size"], device
+        self.generator = torch.Generator().manual_seed(config["seed"] + rank)
+
+    def next(self, split="train"):
+        images, labels = self.data[split]
+        rows = torch.randint(len(images), (self.batch_size,), generator=self.generator)
+        return dict(images=images[rows].to(self.device), labels=labels[rows].to(self.device))
+
+    def eval_batches(self):
+        images, labels = self.data["val"]
+        return [dict(images=images.to(self.device), labels=labels.to(self.device))]
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])
+
+
+@torch.no_grad()
+def patch_accuracy(classifier, batches):
+    """Held-out accuracy of each attribute over all patches of the validation images."""
+    classifier.eval()
+    batch = batches.eval_batches()[0]
+    logits, _, _ = classifier(**batch)
+    classifier.train()
+    return {f"{name} acc": (l.argmax(-1) == batch["labels"][..., i]).float().mean().item()
+            for i, (l, (name, _)) in enumerate(zip(logits, ATTRIBUTES))}
+
+
+def pretrain_shapes_encoder(config, device, path):
+    """Train the small encoder on Shapes World attributes with the shared training loop; save it to path."""
+    print(f"training the Shapes World vision encoder (the stand-in for ImageNet pretraining) -> {path}", flush=True)
+    torch.manual_seed(config["seed"])
+    classifier = PatchClassifier(build_vision_transformer(config))
+    encoder_config = dict(config, lr=config["encoder_lr"], min_lr=config["encoder_lr"] / 10, batch_size=64,
+                          max_iters=config["encoder_steps"], warmup_iters=50, eval_interval=config["encoder_steps"],
+                          log_interval=100, grad_accum_steps=1, resume=False, compile=False,
+                          out_dir=os.path.join(os.path.dirname(path), "shapes_vit_training"))
+    batches = ImageBatches(encoder_config, device)
+    train(encoder_config, classifier, batches, evaluate_extra=lambda m: patch_accuracy(m, batches))
+    torch.save(classifier.vit.cpu().state_dict(), path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The projector and the VLM
+# ----------------------------------------------------------------------------------------------------------
+
+def pixel_shuffle(x, factor):
+    """Fold each factor x factor square of neighbouring patch tokens into one token with factor^2 times the
+    channels: (B, g*g, D) -> (B, (g/factor)^2, D * factor^2). A pure rearrangement - no information is lost -
+    that cuts the number of image tokens the LLM must attend over by factor^2 (Llama 4 and nanoVLM do this)."""
+    if factor == 1:
+        return x
+    B, N, D = x.shape
+    g = math.isqrt(N)
+    x = x.view(B, g // factor, factor, g // factor, factor, D)         # (B, rows, dy, cols, dx, D)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(B, (g // factor) ** 2, factor * factor * D)
+
+
+class Projector(nn.Module):
+    """Linear -> GELU -> Linear from the encoder's width (times factor^2 after pixel shuffle) to the LLM's."""
+
+    def __init__(self, in_dim, hidden, out_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, hidden)
+        self.fc2 = nn.Linear(hidden, out_dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class VLM(nn.Module):
+    """Frozen encoder + trainable projector + LLM (frozen in phase 2, trained in phase 3)."""
+
+    def __init__(self, llm, vit, config):
+        super().__init__()
+        self.llm, self.vit = llm, vit
+        self.vision_layer, self.shuffle = config["vision_layer"], config["pixel_shuffle"]
+        n_patches = (vit.image_size // vit.patch_size) ** 2
+        self.n_image_tokens = n_patches // self.shuffle ** 2
+        self.projector = Projector(vit.hidden_dim * self.shuffle ** 2, config["projector_hidden"],
+                                   llm.config["dim"])
+        self.config = llm.config  # the LLM's sizes, for generation and FLOP counting
+        vit.requires_grad_(False)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.vit.eval()  # the frozen encoder always runs in inference mode
+        return self
+
+    @torch.no_grad()
+    def image_features(self, images):
+        """Frozen encoder: images (B, 3, H, W) -> patch tokens (B, patches, vision_dim)."""
+        return patch_tokens(self.vit, images, self.vision_layer)
+
+    def embed(self, tokens, features):
+        """Token embeddings with each row's <|image|> placeholders replaced, in order, by its projected
+        image tokens. tokens (B, T) holding n_image_tokens placeholders per row; features (B, patches, D)."""
+        embeds = self.llm.embed_tokens(tokens)                          # (B, T, dim)
+        image_tokens = self.projector(pixel_shuffle(features.to(embeds.dtype), self.shuffle))
+        return embeds.masked_scatter((tokens == IMAGE_ID)[..., None], image_tokens.to(embeds.dtype))
+
+    def forward(self, tokens, targets=None, features=None, images=None):
+        if features is None:
+            features = self.image_features(images)
+        return self.llm(embeds=self.embed(tokens, features), targets=targets)
+
+
+def check_tokenizer(tokenizer, path):
+    """Phase 2 relies on the special tokens sitting at their fixed ids."""
+    for token_id, token in enumerate(SPECIAL_TOKENS):
+        if tokenizer.token_to_id(token) != token_id:
+            raise TrainingError(f"{path} uses a tokenizer without {token} at id {token_id}; make the phase-1 "
+                                f"checkpoint with this project's: python pretrain.py")
+
+
+def build_vlm(config, device):
+    """The phase-1 LLM (frozen), the encoder with its weights (frozen) and a fresh projector."""
+    llm, tokenizer, llm_state = model_from_checkpoint(config["llm_ckpt"], "python pretrain.py")
+    check_tokenizer(tokenizer, config["llm_ckpt"])
+    llm.requires_grad_(False)
+    vit = build_vision_transformer(config)
+    load_vision_weights(vit, config, device)
+    return VLM(llm, vit, config), tokenizer, llm_state
+
+
+def vlm_from_checkpoint(path, make_it="python align.py", device="cpu"):
+    """(VLM in eval mode, tokenizer, checkpoint) from a phase-2 or phase-3 checkpoint."""
+    state = load_checkpoint(path, make_it)
+    if "llm_config" not in state:
+        raise TrainingError(f"{path} is not a phase-2 or phase-3 checkpoint; make one with: {make_it}")
+    tokenizer = load_tokenizer(state["tokenizer"])
+    vlm = VLM(Transformer(state["llm_config"]), build_vision_transformer(state["config"]), state["config"])
+    load_model_state(vlm, state["model"], path)
+    return vlm.to(device).eval(), tokenizer, state
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Caption data: token sequences, cached encoder features, batches
+# ----------------------------------------------------------------------------------------------------------
+
+def caption_sequence(caption_ids, n_image_tokens):
+    """(tokens, targets) of one caption: <|begin_of_text|> <|image|> x n  caption <|end_of_text|>.
+    targets[t] is the token after position t, or -100 (no loss) where that is an image placeholder: the
+    model is scored only on the caption and its end token."""
+    sequence = [BOS_ID] + [IMAGE_ID] * n_image_tokens + caption_ids + [EOS_ID]
+    targets = [t if t != IMAGE_ID else -100 for t in sequence[1:]]
+    return sequence[:-1], targets
+
+
+def compute_features(vlm, images, transform, path, device, batch_size=64):
+    """Encode every image once with the frozen encoder into a float16 .npy file (memory-mapped, so COCO's
+    118k x 196 x 768 features need not fit in RAM). Reused while the fingerprint (encoder weights, layer,
+    image list) matches. Returns the memmap."""
+    fingerprint = hashlib.sha1()
+    for tensor in vlm.vit.state_dict().values():
+        fingerprint.update(tensor.detach().cpu().float().numpy().tobytes()[:256])
+    fingerprint.update(f"{vlm.vision_layer} {len(images)} {path}".encode())
+    stamp = path + ".json"
+    if os.path.exists(stamp) and json.load(open(stamp)).get("fingerprint") == fingerprint.hexdigest():
+        return np.load(path, mmap_mode="r")
+    with torch.no_grad():
+        first = vlm.image_features(transform(images[0]())[None].to(device))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    features = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(len(images), *first.shape[1:]))
+    for start in range(0, len(images), batch_size):
+        batch = torch.stack([transform(load()) for load in images[start:start + batch_size]]).to(device)
+        features[start:start + len(batch)] = vlm.image_features(batch).float().cpu().numpy()
+        if start // batch_size % 50 == 0:
+            print(f"  encoded {start + len(batch):,}/{len(images):,} images", flush=True)
+    features.flush()
+    with open(stamp, "w") as f:
+        json.dump({"fingerprint": fingerprint.hexdigest()}, f)
+    return np.load(path, mmap_mode="r")
+
+
+class CaptionBatches:
+    """Random batches of captions with their images' features (cached) or pixels (computed each step)."""
+
+    def __init__(self, vlm, tokenizer, config, device, rank=0):
+        self.device, self.batch_size, self.eval_iters = device, config["batch_size"], config["eval_iters"]
+        self.transform = image_transform(config)
+        self.sets, self.features, self.sequences = {}, {}, {}
+        for split in ("train", "val"):
+            data = caption_set(config, split)
+            self.sets[split] = data
+            encoded = [encode(tokenizer, text)[:config["max_caption_tokens"]] for _, text in data.pairs]
+            self.sequences[split] = [caption_sequence(ids, vlm.n_image_tokens) for ids in encoded]
+            if config["cache_features"]:
+                path = os.path.join(config["out_dir"], f"features_{split}.npy")
+                print(f"caching {split} image features -> {path}", flush=True)
+                self.features[split] = compute_features(vlm, data.images, self.transform, path, device)
+        self.generator = torch.Generator().manual_seed(config["seed"] + rank)
+
+    def batch(self, split, rows):
+        """Right-padded (tokens, targets) of the given caption rows, plus their features or images."""
+        data, sequences = self.sets[split], [self.sequences[split][r] for r in rows]
+        length = max(len(tokens) for tokens, _ in sequences)
+        tokens = torch.full((len(rows), length), PAD_ID)
+        targets = torch.full((len(rows), length), -100)
+        for i, (seq_tokens, seq_targets) in enumerate(sequences):
+            tokens[i, :len(seq_tokens)] = torch.tensor(seq_tokens)
+            targets[i, :len(seq_targets)] = torch.tensor(seq_targets)
+        images = [data.pairs[r][0] for r in rows]
+        batch = dict(tokens=tokens.to(self.device), targets=targets.to(self.device))
+        if split in self.features:
+            batch["features"] = torch.from_numpy(np.stack([self.features[split][i] for i in images])).to(self.device)
+        else:
+            batch["images"] = torch.stack([self.transform(data.images[i]()) for i in images]).to(self.device)
+        return batch
+
+    def next(self, split="train"):
+        rows = torch.randint(len(self.sets[split].pairs), (self.batch_size,), generator=self.generator)
+        return self.batch(split, rows.tolist())
+
+    def eval_batches(self):
+        n = min(len(self.sets["val"].pairs), self.eval_iters * self.batch_size)
+        return [self.batch("val", list(range(s, min(s + self.batch_size, n)))) for s in range(0, n, self.batch_size)]
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Captioning and its score
+# ----------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def caption_images(vlm, features, max_new_tokens=64, prompt_ids=(), **sampling):
+    """Captions (token-id lists) for a batch of encoder features (B, patches, D), with the KV cache:
+    the prefix <|begin_of_text|> <|image|> x n [prompt] is embedded once, then tokens are generated."""
+    prefix = torch.tensor([BOS_ID] + [IMAGE_ID] * vlm.n_image_tokens + list(prompt_ids), device=features.device)
+    prefix = prefix.expand(len(features), -1)
+    new_ids = generate(vlm.llm, None, max_new_tokens, embeds=vlm.embed(prefix, features), **sampling)
+    return [row[:row.index(EOS_ID)] if EOS_ID in row else row for row in new_ids.tolist()]
+
+
+def caption_accuracy(vlm, batches, tokenizer, n_images, batch_size=100):
+    """Greedy captions of n held-out Shapes World scenes, scored against the truth: "exact" counts a caption
+    right only when every shape's kind, colour, size and position is right and none is missing or extra."""
+    data = batches.sets["val"]
+    if data.scenes is None:
+        return {}
+    was_training = vlm.training
+    vlm.eval()
+    totals = {}
+    n_images = min(n_images, len(data.scenes))
+    for start in range(0, n_images, batch_size):
+        rows = list(range(start, min(start + batch_size, n_images)))
+        features = batches.batch("val", rows).get("features")
+        if features is None:
+            features = vlm.image_features(batches.batch("val", rows)["images"])
+        for row, ids in zip(rows, caption_images(vlm, features)):
+            score = shapes_world.score_caption(tokenizer.decode(ids), data.scenes[data.pairs[row][0]])
+            for key, value in score.items():
+                totals[key] = totals.get(key, 0.0) + float(value)
+    vlm.train(was_training)
+    return {f"caption {k}": v / n_images for k, v in totals.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    config = get_config("align", argv)
+    rank, world, device = setup_device(config)
+    torch.manual_seed(config["seed"])
+    vlm, tokenizer, llm_state = build_vlm(config, device)
+    vlm.to(device)
+    if config["resume"]:
+        saved = load_checkpoint(os.path.join(config["out_dir"], "ckpt.pt"), "the same command without --resume")
+        if saved.get("tokenizer") != tokenizer.to_str():
+            raise TrainingError(f"{config['out_dir']}/ckpt.pt was trained on another phase-1 tokenizer than "
+                                f"{config['llm_ckpt']}; resume with the --llm_ckpt it was made from")
+    batches = CaptionBatches(vlm, tokenizer, config, device, rank)
+    if config["epochs"] > 0:
+        config["max_iters"] = config["epochs"] * len(batches.sets["train"].pairs) // (
+            config["batch_size"] * config["grad_accum_steps"] * world)
+    if rank == 0:
+        trainable = sum(p.numel() for p in vlm.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in vlm.parameters())
+        print(f"VLM: {total:,} parameters, {trainable:,} trainable ({100 * trainable / total:.1f}%: the projector); "
+              f"{vlm.n_image_tokens} image tokens per image; {len(batches.sets['train'].pairs):,} training "
+              f"captions; {config['max_iters']} steps of {config['batch_size']}", flush=True)
+    train(config, vlm, batches, evaluate_extra=lambda m: caption_accuracy(m, batches, tokenizer, config["eval_images"]),
+          checkpoint_extra=dict(tokenizer=tokenizer.to_str(), llm_config=llm_state["config"]))
+    if rank == 0:
+        print(f"saved {os.path.join(config['out_dir'], 'ckpt.pt')}; try: python caption.py some.png")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, DataError, TrainingError) as error:
+        sys.exit(f"error: {error}")
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
