@@ -15,6 +15,7 @@ encoder, the projector, the VLM glue, caption batches, caption scoring - and imp
 the training loop from pretrain.py.
 """
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from config import ConfigError, get_config
 from data import shapes_world
 from data.captions import caption_set
-from data.prepare_text import BOS_ID, EOS_ID, IMAGE_ID, PAD_ID, SPECIAL_TOKENS, DataError
+from data.prepare_text import BOS_ID, EOS_ID, EOT_ID, IMAGE_ID, PAD_ID, SPECIAL_TOKENS, DataError
 from pretrain import (TrainingError, Transformer, encode, generate, load_checkpoint, load_model_state,
                       load_tokenizer, model_from_checkpoint, setup_device, train)
 
@@ -75,6 +76,33 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
+def open_image(path, max_pixels=50_000_000):
+    """A Pillow image from path, fully decoded, or a DataError that says what is wrong with the file."""
+    import warnings
+    from PIL import Image, UnidentifiedImageError
+    if not os.path.exists(path):
+        raise DataError(f"no such image: {path}")
+    if os.path.isdir(path):
+        raise DataError(f"{path} is a directory, not an image")
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path} is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            if image.width * image.height > max_pixels:
+                raise DataError(f"{path} is {image.width} x {image.height} pixels, more than the "
+                                f"{max_pixels:,} accepted; resize it first")
+            image.load()
+    except UnidentifiedImageError:
+        raise DataError(f"{path} is not an image Pillow can read") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DataError(f"{path} is too large to decode safely (a decompression bomb?); resize it first") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise DataError(f"{path} is truncated or corrupt ({str(error)[:80]})") from None
+    return image
+
+
 def patch_tokens(vit, images, layer=-1):
     """The patch tokens (B, patches, vision_dim) of a torchvision VisionTransformer, CLS token dropped:
     after the final LayerNorm (layer=-1), or the output of an earlier block (layer=-2: the penultimate,
@@ -105,11 +133,14 @@ def load_vision_weights(vit, config, device):
             raise DataError(f"--vision_weights={name}: no such file (use IMAGENET1K_V1, shapes, none or a .pth path)")
         state = load_checkpoint(name, make_it="torch.save(model.state_dict(), PATH) of a torchvision ViT")
     state = {k: v for k, v in state.items() if not k.startswith("heads.")}  # the classifier is not used
-    missing, unexpected = vit.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = vit.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shapes that do not match
+        missing, unexpected = [str(error).splitlines()[1].strip()[:120]], []
     missing = [k for k in missing if not k.startswith("heads.")]
     if missing or unexpected:
         raise DataError(f"--vision_weights={name} does not fit --vision_model={config['vision_model']} "
-                        f"(missing {missing[:2]}, unexpected {unexpected[:2]})")
+                        f"(missing or mismatched: {missing[:2]}, unexpected: {unexpected[:2]})")
 
 
 def imagenet_weights():
@@ -359,22 +390,28 @@ def compute_features(vlm, images, transform, path, device, batch_size=64):
 
 
 class CaptionBatches:
-    """Random batches of captions with their images' features (cached) or pixels (computed each step)."""
+    """Random batches of captions with their images' features (cached) or pixels (computed each step).
+    Phase 3 subclasses it with conversations in place of captions (`examples`)."""
 
     def __init__(self, vlm, tokenizer, config, device, rank=0):
         self.device, self.batch_size, self.eval_iters = device, config["batch_size"], config["eval_iters"]
         self.transform = image_transform(config)
         self.sets, self.features, self.sequences = {}, {}, {}
         for split in ("train", "val"):
-            data = caption_set(config, split)
+            data, self.sequences[split] = self.examples(split, vlm, tokenizer, config)
             self.sets[split] = data
-            encoded = [encode(tokenizer, text)[:config["max_caption_tokens"]] for _, text in data.pairs]
-            self.sequences[split] = [caption_sequence(ids, vlm.n_image_tokens) for ids in encoded]
             if config["cache_features"]:
                 path = os.path.join(config["out_dir"], f"features_{split}.npy")
                 print(f"caching {split} image features -> {path}", flush=True)
                 self.features[split] = compute_features(vlm, data.images, self.transform, path, device)
         self.generator = torch.Generator().manual_seed(config["seed"] + rank)
+
+    def examples(self, split, vlm, tokenizer, config):
+        """The split's CaptionSet and the (tokens, targets) sequence of each of its pairs."""
+        data = caption_set(config, split)
+        room = min(config["max_caption_tokens"], vlm.config["context"] - vlm.n_image_tokens - 2)
+        encoded = [encode(tokenizer, text)[:room] for _, text in data.pairs]  # longer captions are cut
+        return data, [caption_sequence(ids, vlm.n_image_tokens) for ids in encoded]
 
     def batch(self, split, rows):
         """Right-padded (tokens, targets) of the given caption rows, plus their features or images."""
@@ -413,13 +450,20 @@ class CaptionBatches:
 # ----------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def caption_images(vlm, features, max_new_tokens=64, prompt_ids=(), **sampling):
-    """Captions (token-id lists) for a batch of encoder features (B, patches, D), with the KV cache:
-    the prefix <|begin_of_text|> <|image|> x n [prompt] is embedded once, then tokens are generated."""
-    prefix = torch.tensor([BOS_ID] + [IMAGE_ID] * vlm.n_image_tokens + list(prompt_ids), device=features.device)
-    prefix = prefix.expand(len(features), -1)
+def caption_images(vlm, features, max_new_tokens=64, before=(BOS_ID,), after=(), **sampling):
+    """Generated token ids (one list per image) for a batch of encoder features (B, patches, D), with the KV
+    cache: the prefix `before` <|image|> x n `after` is embedded once, then tokens are generated until an end
+    token. Phase 2 captions with before = <|begin_of_text|>; phase 3 wraps the image and a question in a
+    turn. `after` is shared by all images, or a (B, length) tensor with one row per image."""
+    B, device = len(features), features.device
+    head = torch.tensor([*before, *[IMAGE_ID] * vlm.n_image_tokens], device=device).expand(B, -1)
+    after = after if torch.is_tensor(after) else torch.tensor(list(after), dtype=torch.long, device=device).expand(B, -1)
+    prefix = torch.cat([head, after], dim=1)
+    if prefix.shape[1] >= vlm.config["context"]:
+        raise ValueError(f"the prompt takes {prefix.shape[1]} tokens with the image but the model's context is "
+                         f"{vlm.config['context']}; shorten it")
     new_ids = generate(vlm.llm, None, max_new_tokens, embeds=vlm.embed(prefix, features), **sampling)
-    return [row[:row.index(EOS_ID)] if EOS_ID in row else row for row in new_ids.tolist()]
+    return [list(itertools.takewhile(lambda t: t not in (EOS_ID, EOT_ID), row)) for row in new_ids.tolist()]
 
 
 def caption_accuracy(vlm, batches, tokenizer, n_images, batch_size=100):

@@ -16,6 +16,7 @@ CONFIG = dict(
     n_layers=4,
     n_heads=4,              # query heads; head_dim = dim // n_heads
     n_kv_heads=2,           # key/value heads shared by groups of query heads (GQA)
+    head_dim=0,             # width of each head; 0 means dim // n_heads
     ffn_hidden=256,         # hidden size of the dense SwiGLU layers
     moe_hidden=128,         # hidden size of each routed expert and of the shared expert
     n_experts=8,            # routed experts per MoE layer
@@ -39,7 +40,7 @@ CONFIG = dict(
     # --- the training loop (DESIGN §8) ---
     batch_size=16,          # sequences per micro-batch (per process)
     grad_accum_steps=1,     # micro-batches per optimizer step
-    max_iters=1200,         # optimizer steps
+    max_iters=1000,         # optimizer steps
     max_seconds=0.0,        # if > 0, also stop (and save) after this much training time
     lr=3e-3,
     min_lr=3e-4,            # cosine decay ends here
@@ -49,7 +50,7 @@ CONFIG = dict(
     beta2=0.95,
     grad_clip=1.0,
     aux_loss_coef=0.01,     # weight of the Switch load-balancing loss
-    eval_interval=200,
+    eval_interval=250,
     eval_iters=20,          # batches per evaluation
     log_interval=50,
     dtype="auto",           # "auto" (bf16 on CUDA if supported, else fp16; fp32 on CPU), "float32", "bfloat16", "float16"
@@ -75,13 +76,19 @@ CONFIG = dict(
     epochs=0,                   # if > 0, max_iters = epochs over the training captions
     encoder_steps=800,          # Shapes World: steps of the stand-in "ImageNet pretraining" of the encoder
     encoder_lr=2e-3,
-    # --- sampling (sample.py) ---
+    # --- phase 3: visual instruction tuning (DESIGN §7) ---
+    align_ckpt="out/align/ckpt.pt",   # the phase-2 checkpoint to start from
+    instruct_source="shapes",   # "shapes" (Shapes World Q&A) or a LLaVA-format JSON file
+    image_folder="",            # the images a LLaVA-format JSON names (e.g. COCO train2017)
+    projector_lr_scale=1.0,     # the projector's learning rate as a multiple of lr (the LLM's)
+    # --- sampling (sample.py, caption.py) ---
     prompt="",
     max_new_tokens=60,
     temperature=0.0,        # 0 means greedy
     top_k_sampling=0,       # 0 means no top-k filtering
     top_p=1.0,
-    ckpt="",                # "" means out/pretrain/ckpt.pt
+    ckpt="",                # "" means the phase's usual checkpoint (out/pretrain, out/align or out/instruct)
+    image="",               # caption.py: the image to caption or ask about
 )
 
 PRESETS = {
@@ -96,14 +103,22 @@ PRESETS = {
         align=dict(vision_model="vit_b_16", vision_weights="IMAGENET1K_V1", image_size=224, pixel_shuffle=1,
                    projector_hidden=3072, caption_source="hf", batch_size=48, lr=2e-4, min_lr=2e-5, epochs=3,
                    warmup_iters=200, eval_interval=2000, eval_iters=50, log_interval=100),
+        instruct=dict(instruct_source="data/llava/llava_instruct_150k.json", image_folder="data/coco/train2017",
+                      batch_size=16, lr=2e-5, min_lr=2e-6, projector_lr_scale=10.0, epochs=1, warmup_iters=200,
+                      eval_interval=2000, eval_iters=50, log_interval=100),
     ),
 }
 
+
+# Scripts that take one plain argument, and the config key it fills.
+POSITIONAL = {"caption": "image"}
 
 # Each phase's own defaults, applied over CONFIG and under the presets.
 PHASE_DEFAULTS = {
     "align": dict(lr=1e-3, min_lr=1e-4, batch_size=32, max_iters=600, warmup_iters=30, eval_interval=200,
                   log_interval=50, eval_iters=10),
+    "instruct": dict(lr=1e-3, min_lr=1e-4, batch_size=32, max_iters=600, warmup_iters=30, eval_interval=200,
+                     log_interval=50, eval_iters=10, eval_images=100, projector_lr_scale=2.0),
 }
 
 
@@ -141,6 +156,9 @@ def get_config(phase, argv=None):
     args = list(argv)
     while args:
         arg = args.pop(0)
+        if not arg.startswith("--") and phase in POSITIONAL and not config[POSITIONAL[phase]]:
+            config[POSITIONAL[phase]] = arg  # e.g. the image in "python caption.py img.png"
+            continue
         if not arg.startswith("--") or arg == "--":
             raise ConfigError(f"expected --key=value, got {arg!r}")
         key, has_value, text = arg[2:].partition("=")

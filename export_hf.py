@@ -32,7 +32,7 @@ import sys
 import torch
 
 from data.prepare_text import BOS_ID, EOS_ID, EOT_ID, PAD_ID, SPECIAL_TOKENS
-from pretrain import TrainingError, model_from_checkpoint
+from pretrain import TrainingError, head_dim_of, model_from_checkpoint
 
 
 class ExportError(RuntimeError):
@@ -59,7 +59,7 @@ def hf_config(config, dtype):
         "num_hidden_layers": config["n_layers"],
         "num_attention_heads": config["n_heads"],
         "num_key_value_heads": config["n_kv_heads"],
-        "head_dim": config["dim"] // config["n_heads"],
+        "head_dim": head_dim_of(config),
         "max_position_embeddings": config["context"],
         "rms_norm_eps": config["norm_eps"],
         "hidden_act": "silu",

@@ -144,6 +144,11 @@ def apply_rope(x, cos, sin):
     return rotated.flatten(-2).type_as(x)
 
 
+def head_dim_of(config):
+    """Width of one attention head: config["head_dim"], or dim // n_heads when that is 0."""
+    return config.get("head_dim") or config["dim"] // config["n_heads"]
+
+
 @functools.lru_cache(maxsize=64)
 def attention_mask(length, offset, chunk, device):
     """Boolean (length, offset + length) mask, True where a query may look: keys at or before the query and,
@@ -171,7 +176,7 @@ class Attention(nn.Module):
     def __init__(self, config, use_rope):
         super().__init__()
         self.n_heads, self.n_kv_heads = config["n_heads"], config["n_kv_heads"]
-        self.head_dim = config["dim"] // config["n_heads"]
+        self.head_dim = head_dim_of(config)
         self.use_rope, self.chunk, self.eps = use_rope, config["attn_chunk"], config["norm_eps"]
         self.attn_scale, self.floor_scale = config["attn_scale"], config["floor_scale"]
         dim, kv_dim = config["dim"], self.n_kv_heads * self.head_dim
@@ -237,12 +242,15 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(n_experts, dim, hidden))
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, dim))
 
-    def forward(self, x, group_sizes):
-        """x: (routed tokens, dim), sorted by expert; group_sizes[e] rows belong to expert e."""
-        outputs = []
-        for e, group in enumerate(x.split(group_sizes)):
-            outputs.append((F.silu(group @ self.gate_proj[e]) * (group @ self.up_proj[e])) @ self.down_proj[e])
-        return torch.cat(outputs)
+    def forward(self, x, group_ends):
+        """x: (routed tokens, dim), sorted by expert; rows group_ends[e-1]:group_ends[e] belong to expert e.
+        F.grouped_mm multiplies each group by its own expert's matrix in one call: no Python loop over
+        experts and no host sync, so it runs as one kernel on the GPU and compiles into one graph."""
+        # Autocast does not cover grouped_mm, so cast as it would for a matmul (bf16 under bf16 autocast).
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        matmul = lambda a, w: F.grouped_mm(a.to(dtype), w.to(dtype), offs=group_ends)
+        return matmul(F.silu(matmul(x, self.gate_proj)) * matmul(x, self.up_proj), self.down_proj)
 
 
 class MoE(nn.Module):
@@ -259,6 +267,8 @@ class MoE(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.n_experts, self.top_k = config["n_experts"], config["top_k"]
+        if config["dim"] % 8 or config["moe_hidden"] % 8:
+            raise ConfigError("dim and moe_hidden must be multiples of 8 (grouped matmuls need 16-byte strides)")
         self.router = nn.Linear(config["dim"], self.n_experts, bias=False)
         self.experts = Experts(self.n_experts, config["dim"], config["moe_hidden"])
         self.shared_expert = FeedForward(config["dim"], config["moe_hidden"])
@@ -275,7 +285,7 @@ class MoE(nn.Module):
         slot_tokens = order // self.top_k                               # token of each sorted slot
         counts = torch.bincount(slot_experts, minlength=self.n_experts)
         routed_in = x[slot_tokens] * gates.flatten()[order, None]       # (N * top_k, dim), gate on the input
-        routed_out = self.experts(routed_in, counts.tolist())
+        routed_out = self.experts(routed_in, counts.cumsum(0).to(torch.int32))
         out = self.shared_expert(x).index_add(0, slot_tokens, routed_out)
         self.tokens_per_expert = counts.detach()
         slot_share = counts.float() / slot_experts.numel()             # f_i
@@ -315,7 +325,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config, layer) for layer in range(config["n_layers"]))
         self.norm = RMSNorm(config["dim"], config["norm_eps"])
         self.lm_head = nn.Linear(config["dim"], config["vocab_size"], bias=False)
-        cos, sin = rope_angles(config["dim"] // config["n_heads"], config["context"], config["rope_theta"])
+        cos, sin = rope_angles(head_dim_of(config), config["context"], config["rope_theta"])
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
@@ -389,8 +399,7 @@ class KVCache:
 
     def __init__(self, model, batch_size, max_len, dtype=None):
         config, device = model.config, model.lm_head.weight.device
-        head_dim = config["dim"] // config["n_heads"]
-        shape = (batch_size, config["n_kv_heads"], max_len, head_dim)
+        shape = (batch_size, config["n_kv_heads"], max_len, head_dim_of(config))
         dtype = dtype or model.lm_head.weight.dtype
         self.keys = {id(l.attn): torch.zeros(shape, device=device, dtype=dtype) for l in model.layers}
         self.values = {id(l.attn): torch.zeros(shape, device=device, dtype=dtype) for l in model.layers}
@@ -570,7 +579,7 @@ def flops_per_token(config):
     for layer in range(config["n_layers"]):
         span = config["context"] if (layer + 1) % config["nope_every"] == 0 else min(config["attn_chunk"],
                                                                                     config["context"])
-        attention += 12 * config["dim"] * (span + 1) / 2
+        attention += 12 * config["n_heads"] * head_dim_of(config) * (span + 1) / 2
     return 6 * matmul_params + attention
 
 

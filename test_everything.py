@@ -15,12 +15,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import align
 import config as config_module
 import export_hf
+import instruct
 import pretrain
 from config import CONFIG
 from data import shapes_world
-from data.prepare_text import BOS_ID, EOS_ID, SPECIAL_TOKENS, prepare, train_tokenizer
+from data.prepare_text import (ASSISTANT_ID, BOS_ID, EOS_ID, EOT_ID, IMAGE_ID, PAD_ID, SPECIAL_TOKENS, USER_ID,
+                               DataError, prepare, train_tokenizer)
 from pretrain import MoE, Transformer, generate
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -134,10 +137,11 @@ def test_moe_matches_per_token_loop():
 
 
 def test_aux_loss_hand_example():
-    moe = MoE(dict(TINY, dim=2, n_experts=2, top_k=1, moe_hidden=3))
+    moe = MoE(dict(TINY, dim=8, n_experts=2, top_k=1, moe_hidden=8))
     with torch.no_grad():
-        moe.router.weight.copy_(torch.eye(2))  # router logits = the input itself
-    x = torch.tensor([[[2.0, 0.0], [1.0, 0.0], [3.0, 0.0]]])  # every token picks expert 0
+        moe.router.weight.copy_(torch.eye(2, 8))  # router logits = the first two input features
+    x = torch.zeros(1, 3, 8)
+    x[0, :, 0] = torch.tensor([2.0, 1.0, 3.0])  # logits (a, 0): every token picks expert 0
     _, aux = moe(x)
     p0 = sum(1 / (1 + math.exp(-a)) for a in (2.0, 1.0, 3.0)) / 3  # softmax([a, 0])[0] = sigmoid(a)
     assert aux.item() == pytest.approx(2 * (1.0 * p0 + 0.0 * (1 - p0)), rel=1e-6)  # n_experts * sum f_i P_i
@@ -303,7 +307,7 @@ def gradients_at_step(run):
         model = run()
     finally:
         torch.optim.AdamW.step = original
-    return {name: seen[id(p)] for name, p in model.named_parameters()}
+    return {name: seen[id(p)] for name, p in model.named_parameters() if id(p) in seen}
 
 
 def train_once(out_dir, batches, **overrides):
@@ -608,3 +612,340 @@ def test_export_hf_trained_checkpoint(tiny_ckpt, tiny_data, tmp_path):
     hf_ids = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False,
                                eos_token_id=None)
     assert hf_ids[:, 10:].tolist() == generate(model, prompt, 20, stop_ids=()).tolist()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Phase 2: the VLM glue, frozen parts, cached features, captioning, image input
+# ----------------------------------------------------------------------------------------------------------
+
+VISION = dict(vision_model="shapes_vit", image_size=32, vision_layer=-1, pixel_shuffle=2, projector_hidden=40)
+
+
+def tiny_vlm(seed=0):
+    """A tiny LLM + a tiny random 32 px ViT (16 patches -> 4 image tokens) + projector."""
+    llm = tiny_model(seed, context=64)
+    torch.manual_seed(seed)
+    vit = align.build_vision_transformer(dict(TINY, **VISION))
+    vlm = align.VLM(llm, vit, dict(TINY, **VISION))
+    llm.requires_grad_(False)
+    return vlm.eval()
+
+
+def test_pixel_shuffle_is_a_pure_permutation():
+    x = torch.arange(2 * 16 * 3).float().view(2, 16, 3)  # a 4 x 4 grid of 3-channel tokens
+    y = align.pixel_shuffle(x, 2)
+    assert y.shape == (2, 4, 12)
+    assert torch.equal(y.flatten().sort().values, x.flatten().sort().values)
+    for b in range(2):  # brute force: output token (R, C) holds input tokens (2R + dy, 2C + dx) in dy, dx order
+        for R in range(2):
+            for C in range(2):
+                expect = torch.cat([x[b, (2 * R + dy) * 4 + 2 * C + dx] for dy in range(2) for dx in range(2)])
+                assert torch.equal(y[b, R * 2 + C], expect)
+
+
+def test_image_tokens_replace_placeholders_and_labels_mask_image_and_padding():
+    vlm = tiny_vlm()
+    tokens, targets = align.caption_sequence([10, 11, 12], vlm.n_image_tokens)
+    n = vlm.n_image_tokens
+    assert tokens == [BOS_ID] + [IMAGE_ID] * n + [10, 11, 12]
+    assert targets == [-100] * n + [10, 11, 12, EOS_ID]  # the caption and its end token are the targets
+    features = torch.randn(2, 16, 128)
+    batch = torch.tensor([tokens, [BOS_ID] + [IMAGE_ID] * n + [20, PAD_ID, PAD_ID]])
+    embeds = vlm.embed(batch, features)
+    projected = vlm.projector(align.pixel_shuffle(features, 2))
+    for row in range(2):
+        torch.testing.assert_close(embeds[row, 1:1 + n], projected[row])
+        torch.testing.assert_close(embeds[row, 0], vlm.llm.embed_tokens.weight[BOS_ID])
+        torch.testing.assert_close(embeds[row, 1 + n:], vlm.llm.embed_tokens(batch[row, 1 + n:]))
+
+
+def caption_config(tmp_path, **overrides):
+    base = dict(loop_config(tmp_path), **VISION, caption_source="shapes", train_images=40, eval_images=8,
+                eval_iters=1, batch_size=4, max_caption_tokens=40, cache_features=True, seed=0)
+    return dict(base, **overrides)
+
+
+def tokenizer_for_tests():
+    docs = [shapes_world.caption(s) for s in shapes_world.make_scenes("train", 300)]
+    return train_tokenizer(docs, TINY["vocab_size"] + 200)
+
+
+def test_frozen_parts_get_no_gradient_and_no_optimizer_state(tmp_path):
+    vlm = tiny_vlm()
+    vlm.llm = tiny_model(vocab_size=264, context=64)
+    vlm.llm.requires_grad_(False)
+    batches = align.CaptionBatches(vlm, tokenizer_for_tests(), caption_config(tmp_path), torch.device("cpu"))
+    before = {k: v.clone() for k, v in vlm.state_dict().items()}
+    pretrain.train(caption_config(tmp_path, max_iters=2), vlm, batches)
+    after = vlm.state_dict()
+    for name, value in after.items():
+        changed = not torch.equal(before[name], value)
+        assert changed == name.startswith("projector."), name
+        assert (vlm.get_parameter(name).grad is None) if name in dict(vlm.named_parameters()) else True
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)["optimizer"]["state"]
+    assert len(state) == len(list(vlm.projector.parameters()))
+
+
+def test_cached_features_give_the_loss_of_features_computed_on_the_fly(tmp_path):
+    vlm = tiny_vlm()
+    vlm.llm = tiny_model(vocab_size=264, context=64)
+    tokenizer = tokenizer_for_tests()
+    cached = align.CaptionBatches(vlm, tokenizer, caption_config(tmp_path), torch.device("cpu"))
+    live = align.CaptionBatches(vlm, tokenizer, caption_config(tmp_path, cache_features=False), torch.device("cpu"))
+    rows = [0, 5, 7, 30]
+    a, b = cached.batch("train", rows), live.batch("train", rows)
+    assert "features" in a and "images" in b
+    with torch.no_grad():
+        torch.testing.assert_close(vlm(**a)[1], vlm(**b)[1], atol=2e-3, rtol=1e-3)  # float16 cache
+
+
+def greedy_by_full_recompute(vlm, prefix, features, steps):
+    """Greedy decoding that re-runs the whole sequence every step: the prefix through vlm.embed, generated
+    tokens as plain text embeddings (a generated id is text even if it happens to be <|image|>)."""
+    generated = []
+    with torch.no_grad():
+        for _ in range(steps):
+            embeds = torch.cat([vlm.embed(prefix[None], features[None]),
+                                vlm.llm.embed_tokens(torch.tensor([generated], dtype=torch.long))], dim=1)
+            generated.append(vlm.llm(embeds=embeds)[0][0, -1].argmax().item())
+            if generated[-1] in (EOS_ID, EOT_ID):
+                return generated[:-1]
+    return generated
+
+
+def test_kv_cache_captioning_equals_full_recompute():
+    vlm = tiny_vlm()
+    features = torch.randn(3, 16, 128)
+    got = align.caption_images(vlm, features, 12)
+    prefix = torch.tensor([BOS_ID] + [IMAGE_ID] * vlm.n_image_tokens)
+    for row in range(3):
+        assert got[row] == greedy_by_full_recompute(vlm, prefix, features[row], 12)
+
+
+def test_local_vit_b_16_weights_load_through_a_path(tmp_path):
+    from torchvision.models import vit_b_16
+    torch.manual_seed(3)
+    reference = vit_b_16()
+    torch.save(reference.state_dict(), tmp_path / "vit.pth")
+    vit = align.build_vision_transformer(dict(CONFIG, vision_model="vit_b_16"))
+    align.load_vision_weights(vit, dict(CONFIG, vision_model="vit_b_16", vision_weights=str(tmp_path / "vit.pth")),
+                              torch.device("cpu"))
+    for name, value in reference.state_dict().items():
+        assert torch.equal(vit.state_dict()[name], value), name
+    with pytest.raises(DataError, match="does not fit"):
+        align.load_vision_weights(align.build_vision_transformer(dict(CONFIG, **VISION)),
+                                  dict(CONFIG, **VISION, vision_weights=str(tmp_path / "vit.pth")), torch.device("cpu"))
+
+
+def write_images(folder, n):
+    folder.mkdir(parents=True, exist_ok=True)
+    scenes = shapes_world.make_scenes("train", n, seed=4)
+    for i, scene in enumerate(scenes):
+        shapes_world.render(scene, 32).save(folder / f"img{i}.png")
+    return scenes
+
+
+def test_coco_parquet_and_imagefolder_load_offline(tmp_path, monkeypatch):
+    import io
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    scenes = write_images(tmp_path / "imgs", 60)
+    rows = []
+    for i, scene in enumerate(scenes):
+        png = (tmp_path / "imgs" / f"img{i}.png").read_bytes()
+        for k in range(2):  # two captions per image, as COCO has five
+            rows.append(dict(image={"bytes": png, "path": f"img{i}.png"}, filename=f"img{i}.png", cocoid=i,
+                             caption=f"{shapes_world.caption(scene)} ({k})"))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "coco.parquet")
+    from data.captions import caption_set
+    train_set = caption_set(dict(CONFIG, caption_source=str(tmp_path / "coco.parquet")), "train")
+    val_set = caption_set(dict(CONFIG, caption_source=str(tmp_path / "coco.parquet")), "val")
+    assert (len(train_set.images), len(train_set.pairs), len(val_set.images)) == (59, 118, 1)
+    image_index, text = train_set.pairs[2]
+    assert image_index == 1 and text == shapes_world.caption(scenes[1]) + " (0)"
+    assert train_set.images[1]().size == (32, 32)
+    with open(tmp_path / "imgs" / "metadata.jsonl", "w") as f:
+        for i, scene in enumerate(scenes):
+            f.write(json.dumps({"file_name": f"img{i}.png", "text": shapes_world.caption(scene)}) + "\n")
+    folder_set = caption_set(dict(CONFIG, caption_source=str(tmp_path / "imgs")), "train")
+    assert len(folder_set.pairs) == 59
+    index, text = folder_set.pairs[0]
+    assert text in {shapes_world.caption(s) for s in scenes}
+    assert np.asarray(folder_set.images[index]()).shape == (32, 32, 3)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Phase 3: the chat format, trainable parts, LLaVA-format data
+# ----------------------------------------------------------------------------------------------------------
+
+def test_two_turn_conversation_renders_as_written_by_hand():
+    tokenizer = tokenizer_for_tests()
+    e = lambda text: pretrain.encode(tokenizer, text)
+    turns = [("<image>\nwhat color is it?", "red"), ("how many shapes are there?", "two")]
+    tokens, targets = instruct.render_conversation(turns, tokenizer, 4, context=256)
+    expected = ([BOS_ID, USER_ID] + [IMAGE_ID] * 4 + e("what color is it?") + [EOT_ID, ASSISTANT_ID] + e("red")
+                + [EOT_ID, USER_ID] + e("how many shapes are there?") + [EOT_ID, ASSISTANT_ID] + e("two") + [EOT_ID])
+    assert tokens == expected[:-1]
+    answers = answer_positions_of(expected)
+    assert [i for i, t in enumerate(targets) if t != -100] == [p - 1 for p in sorted(answers)]
+    assert all(t == -100 or t == expected[i + 1] for i, t in enumerate(targets))
+    labelled = [t for t in targets if t != -100]
+    assert labelled == e("red") + [EOT_ID] + e("two") + [EOT_ID]  # the answers and their end markers, nothing else
+
+
+def answer_positions_of(sequence):
+    """Positions inside assistant replies, found by walking the markers (an independent reading)."""
+    inside, positions = False, set()
+    for i, token in enumerate(sequence):
+        if token == ASSISTANT_ID:
+            inside = True
+        elif inside:
+            positions.add(i)
+            inside = token != EOT_ID
+    return positions
+
+
+def write_llava(tmp_path, n_good=6):
+    scenes = write_images(tmp_path / "coco", n_good)
+    records = [dict(id=f"good{i}", image=f"img{i}.png", conversations=[
+        dict(**{"from": "human", "value": "<image>\nwhat is in the picture?"}),
+        dict(**{"from": "gpt", "value": shapes_world.caption(scene)}),
+        dict(**{"from": "human", "value": "how many shapes are there?"}),
+        dict(**{"from": "gpt", "value": shapes_world.NUMBERS[len(scene["shapes"])]})]) for i, scene in enumerate(scenes)]
+    human, gpt = {"from": "human", "value": "<image> hi"}, {"from": "gpt", "value": "hello"}
+    records += [dict(id="no_image", image="missing.png", conversations=[human, gpt]),
+                dict(id="two_markers", image="img0.png", conversations=[{"from": "human", "value": "<image><image>"}, gpt]),
+                dict(id="empty", image="img0.png", conversations=[]),
+                dict(id="order", image="img0.png", conversations=[gpt, human])]
+    path = tmp_path / "llava.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_llava_json_skips_bad_records_loudly_and_trains_one_step(tmp_path, capsys):
+    path = write_llava(tmp_path, n_good=60)
+    cfg = dict(caption_config(tmp_path, max_iters=1), instruct_source=str(path), image_folder=str(tmp_path / "coco"),
+               projector_lr_scale=3.0)
+    vlm = tiny_vlm()
+    vlm.llm = tiny_model(vocab_size=264, context=64)
+    vlm.llm.requires_grad_(True)
+    batches = instruct.ConversationBatches(vlm, tokenizer_for_tests(), cfg, torch.device("cpu"))
+    out = capsys.readouterr().out
+    for name, reason in [("no_image", "image not found"), ("two_markers", "exactly one <image>"),
+                         ("empty", "empty conversation"), ("order", "alternate human, gpt")]:
+        assert any(f"(id {name})" in line and reason in line for line in out.splitlines()), (name, out)
+    assert "skipped 4 of 64 records" in out
+    assert (len(batches.sets["train"].pairs), len(batches.sets["val"].pairs)) == (59, 1)
+    grads = gradients_at_step(lambda: (pretrain.train(cfg, vlm, batches, lr_scale=lambda n: 3.0 if
+                                                      n.startswith("projector.") else 1.0), vlm)[1])
+    assert grads and all(not name.startswith("vit.") for name in grads)  # the encoder is not even optimized
+    assert all(vlm.get_parameter(name).grad is None for name, _ in vlm.vit.named_parameters(prefix="vit"))
+    assert grads["projector.fc1.weight"].abs().sum() > 0 and grads["llm.layers.0.attn.q_proj.weight"].abs().sum() > 0
+
+
+def test_answering_with_the_kv_cache_equals_full_recompute():
+    vlm = tiny_vlm()
+    features = torch.randn(2, 16, 128)
+    after = torch.tensor([[20, 21, EOT_ID, ASSISTANT_ID], [22, 23, EOT_ID, ASSISTANT_ID]])
+    got = align.caption_images(vlm, features, 10, (BOS_ID, USER_ID), after)
+    for row in range(2):
+        prefix = torch.tensor([BOS_ID, USER_ID] + [IMAGE_ID] * vlm.n_image_tokens + after[row].tolist())
+        assert got[row] == greedy_by_full_recompute(vlm, prefix, features[row], 10)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Phases 2 and 3 from the command line, and every bad input
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_vlm_ckpts(tiny_ckpt, tmp_path_factory):
+    """A tiny phase-2 checkpoint (random 32 px encoder) and a phase-3 checkpoint on top of it, made by the CLIs."""
+    llm_ckpt, _ = tiny_ckpt
+    out = tmp_path_factory.mktemp("vlm")
+    common = ["--image_size=32", "--max_iters=3", "--eval_interval=3", "--eval_iters=1", "--batch_size=4",
+              "--train_images=64", "--eval_images=8", "--device=cpu", "--log_interval=1"]
+    result = run("align.py", f"--llm_ckpt={llm_ckpt}", "--vision_weights=none", "--projector_hidden=32",
+                 f"--out_dir={out / 'align'}", *common)
+    assert result.returncode == 0, result.stderr
+    assert "caption exact" in result.stdout and "VLM:" in result.stdout
+    result = run("instruct.py", f"--align_ckpt={out / 'align' / 'ckpt.pt'}", f"--out_dir={out / 'instruct'}", *common)
+    assert result.returncode == 0, result.stderr
+    assert "answer all" in result.stdout and "answer count" in result.stdout
+    return out / "align" / "ckpt.pt", out / "instruct" / "ckpt.pt", llm_ckpt
+
+
+def huge_png(path, side=100_000):
+    """A tiny file that claims to be a side x side PNG: a decompression bomb as far as a decoder knows."""
+    import struct
+    import zlib
+    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 10))
+                     + chunk(b"IEND", b""))
+
+
+def test_caption_cli_and_its_bad_input(tiny_vlm_ckpts, tmp_path):
+    align_ckpt, instruct_ckpt, _ = tiny_vlm_ckpts
+    shapes_world.render(shapes_world.make_scenes("test", 1)[0], 64).save(tmp_path / "scene.png")
+    ok = run("caption.py", str(tmp_path / "scene.png"), f"--ckpt={align_ckpt}", "--max_new_tokens=5")
+    assert ok.returncode == 0 and ok.stderr == "", ok.stderr
+    ok = run("caption.py", str(tmp_path / "scene.png"), f"--ckpt={instruct_ckpt}", "--prompt",
+             "how many shapes are there?", "--max_new_tokens=5")
+    assert ok.returncode == 0, ok.stderr
+    (tmp_path / "text.jpg").write_text("this is not a picture")
+    (tmp_path / "empty.png").write_bytes(b"")
+    jpeg = tmp_path / "whole.jpg"
+    shapes_world.render(shapes_world.make_scenes("test", 1)[0], 64).save(jpeg)
+    (tmp_path / "cut.jpg").write_bytes(jpeg.read_bytes()[:300])
+    huge_png(tmp_path / "bomb.png")
+    for image, phrase in [("missing.png", "no such image"), ("", "is a directory"), ("text.jpg", "not an image"),
+                          ("empty.png", "empty (0 bytes)"), ("cut.jpg", "truncated or corrupt"),
+                          ("bomb.png", "too large")]:
+        assert_clean_error(run("caption.py", str(tmp_path / image), f"--ckpt={align_ckpt}"), phrase)
+    assert_clean_error(run("caption.py", str(tmp_path / "scene.png"), f"--ckpt={tmp_path / 'none.pt'}"),
+                       "python align.py")
+    assert_clean_error(run("caption.py", str(tmp_path / "scene.png"), "--ckpt=" + str(tiny_vlm_ckpts[2])),
+                       "not a phase-2 or phase-3 checkpoint")
+    assert_clean_error(run("caption.py", str(tmp_path / "scene.png"), f"--ckpt={instruct_ckpt}",
+                           "--prompt=" + "how many shapes " * 40), "context is 64")
+    assert_clean_error(run("caption.py"), "name an image")
+
+
+def test_any_pillow_image_mode_is_captioned(tiny_vlm_ckpts, tmp_path):
+    from PIL import Image
+    vlm, tokenizer, state = align.vlm_from_checkpoint(str(tiny_vlm_ckpts[0]))
+    base = shapes_world.render(shapes_world.make_scenes("test", 1)[0], 64)
+    variants = {mode: base.convert(mode) for mode in ("RGB", "L", "RGBA", "P", "CMYK", "1", "LA", "F", "I")}
+    variants["I;16"] = Image.fromarray((np.asarray(base.convert("L"), dtype=np.uint16) * 257))
+    variants["tall"] = base.resize((7, 300))
+    for name, image in variants.items():
+        path = tmp_path / f"{name.replace(';', '_')}.{'tif' if name in ('F', 'I', 'I;16', 'CMYK') else 'png'}"
+        image.save(path)
+        pixels = align.image_transform(state["config"])(align.open_image(str(path)))
+        assert pixels.shape == (3, 32, 32) and torch.isfinite(pixels).all(), name
+        assert isinstance(align.caption_images(vlm, vlm.image_features(pixels[None]), 3)[0], list)
+    grey16 = align.to_rgb(variants["I;16"])
+    assert np.asarray(grey16).max() > 200 and np.asarray(grey16).min() < 60  # rescaled, not clipped to white
+
+
+def test_align_bad_input(tiny_vlm_ckpts, tmp_path):
+    _, _, llm_ckpt = tiny_vlm_ckpts
+    assert_clean_error(run("align.py", f"--llm_ckpt={tmp_path / 'none.pt'}", f"--out_dir={tmp_path / 'a'}"),
+                       "python pretrain.py")
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    foreign = Tokenizer(models.BPE())
+    foreign.pre_tokenizer = pre_tokenizers.ByteLevel()
+    foreign.train_from_iterator(["some other text"], trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>"]))
+    state = torch.load(llm_ckpt, weights_only=True)
+    torch.save(dict(state, tokenizer=foreign.to_str()), tmp_path / "foreign.pt")
+    assert_clean_error(run("align.py", f"--llm_ckpt={tmp_path / 'foreign.pt'}", f"--out_dir={tmp_path / 'a'}"),
+                       "tokenizer without <|begin_of_text|>")
+    assert_clean_error(run("align.py", f"--llm_ckpt={llm_ckpt}", "--vision_weights=nothing.pth",
+                           f"--out_dir={tmp_path / 'a'}"), "no such file")
+    assert_clean_error(run("align.py", f"--llm_ckpt={llm_ckpt}", "--vision_weights=IMAGENET1K_V1",
+                           "--vision_model=vit_b_16", f"--out_dir={tmp_path / 'a'}",
+                           env={"TORCH_HOME": str(tmp_path / "torch")}), "vit_b_16-c867db91.pth")
+    assert_clean_error(run("align.py", f"--llm_ckpt={llm_ckpt}", "--caption_source=hf", "--vision_weights=none",
+                           f"--out_dir={tmp_path / 'a'}", env={"HF_HUB_OFFLINE": "1"}), "caption_source=path")
+    assert not (tmp_path / "a").exists()

@@ -38,6 +38,11 @@ def shapes_captions(split, n, seed, image_size):
 def _from_dataset(dataset, caption_column, key_column, keep, name):
     """Group the rows of a `datasets` table by image (rows sharing key_column share an image); keep(j) says
     whether the j-th distinct image belongs to this split. Images are decoded only when loaded."""
+    import datasets
+    if "image" not in dataset.column_names or caption_column not in dataset.column_names:
+        raise DataError(f"{name} needs columns image and {caption_column} (has {', '.join(dataset.column_names)})")
+    if not isinstance(dataset.features["image"], datasets.Image):  # e.g. {bytes, path} structs from plain parquet
+        dataset = dataset.cast_column("image", datasets.Image())
     captions = dataset[caption_column]
     keys = dataset[key_column] if key_column in dataset.column_names else range(len(captions))
     first_row, pairs = {}, []
@@ -97,7 +102,7 @@ def caption_set(config, split):
     """The CaptionSet of `split` ("train" or "val") for config["caption_source"]."""
     source = config["caption_source"]
     if source == "shapes":
-        n = config["train_images"] if split == "train" else max(config["eval_images"], 200)
+        n = config["train_images"] if split == "train" else config["eval_images"]
         return shapes_captions(split, n, config["seed"], config["image_size"])
     if source == "hf":
         return hub_captions(config, split)

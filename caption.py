@@ -1,0 +1,45 @@
+"""Caption an image with a phase-2 checkpoint, or answer a question about it with a phase-3 checkpoint.
+
+    python caption.py photo.jpg                                        # out/align/ckpt.pt, greedy
+    python caption.py photo.jpg --temperature=0.7 --top_k_sampling=20  # sampled
+    python caption.py photo.jpg --prompt "How many shapes are there?"  # out/instruct/ckpt.pt
+
+Any image Pillow opens works: RGB, grey, RGBA, palette, CMYK, 16-bit, any size (it is resized).
+"""
+import sys
+
+import torch
+
+from align import caption_images, image_transform, open_image, vlm_from_checkpoint
+from config import ConfigError, get_config
+from data.prepare_text import DataError
+from pretrain import TrainingError, setup_device
+
+
+def main(argv=None):
+    config = get_config("caption", argv)
+    if not config["image"]:
+        raise ConfigError('name an image: python caption.py IMAGE [--prompt "a question"]')
+    _, _, device = setup_device(config)
+    question = config["prompt"].strip()
+    default, make_it = ("out/instruct/ckpt.pt", "python instruct.py") if question else ("out/align/ckpt.pt",
+                                                                                          "python align.py")
+    vlm, tokenizer, state = vlm_from_checkpoint(config["ckpt"] or default, make_it, device)
+    image = open_image(config["image"])
+    with torch.no_grad():
+        features = vlm.image_features(image_transform(state["config"])(image)[None].to(device))
+    sampling = dict(temperature=config["temperature"], top_k=config["top_k_sampling"], top_p=config["top_p"])
+    if question:
+        from instruct import question_prefix
+        before, after = question_prefix(tokenizer, question)
+        ids = caption_images(vlm, features, config["max_new_tokens"], before, after, **sampling)[0]
+    else:
+        ids = caption_images(vlm, features, config["max_new_tokens"], **sampling)[0]
+    print(tokenizer.decode(ids))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, DataError, TrainingError, ValueError) as error:
+        sys.exit(f"error: {error}")

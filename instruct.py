@@ -1,0 +1,223 @@
+"""Phase 3: visual instruction tuning. Teach the VLM to answer questions about an image, in turns.
+
+    python instruct.py                        # Shapes World conversations on the CPU, a few minutes
+    python instruct.py --preset=llama4_seed   # LLaVA-Instruct-150K + COCO images, bf16 on CUDA
+    python instruct.py --instruct_source=my.json --image_folder=my_images/   # your own LLaVA-format data
+
+A conversation is rendered with the chat markers reserved in the tokenizer:
+
+    <|begin_of_text|><|user|><|image|> x n what color is the circle?<|eot|><|assistant|>red<|eot|>
+                    <|user|>how many shapes are there?<|eot|><|assistant|>two<|eot|>
+
+The loss covers the assistant's tokens and their <|eot|> only: the model learns to answer, not to ask.
+Unlike phase 2, the LLM trains too (with a small learning rate) and the projector keeps training (with a
+larger one); the vision encoder stays frozen. This file adds only the chat format, the conversation data and
+the answer scoring; the VLM comes from align.py and the training loop from pretrain.py.
+"""
+import json
+import os
+import random
+import sys
+
+import torch
+
+from align import CaptionBatches, caption_images, vlm_from_checkpoint
+from config import ConfigError, get_config
+from data import shapes_world
+from data.captions import CaptionSet
+from data.prepare_text import ASSISTANT_ID, BOS_ID, EOT_ID, IMAGE_ID, USER_ID, DataError
+from pretrain import TrainingError, encode, setup_device, train
+
+IMAGE_MARKER = "<image>"  # where LLaVA-format text puts the image
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The chat format
+# ----------------------------------------------------------------------------------------------------------
+
+def render_conversation(turns, tokenizer, n_image_tokens, context):
+    """(tokens, targets) of a conversation [(question, answer), ...]. The image's n placeholders go where the
+    question holds "<image>". targets[t] is the token after t when that token belongs to an answer (its
+    <|eot|> included), else -100. Cut to the context."""
+    sequence, is_answer = [BOS_ID], [False]
+    for question, answer in turns:
+        before, marker, after = question.partition(IMAGE_MARKER)
+        user = [USER_ID, *encode(tokenizer, before.strip())]
+        if marker:
+            user += [IMAGE_ID] * n_image_tokens + encode(tokenizer, after.strip())
+        user += [EOT_ID, ASSISTANT_ID]
+        reply = encode(tokenizer, answer.strip()) + [EOT_ID]
+        sequence += user + reply
+        is_answer += [False] * len(user) + [True] * len(reply)
+    if IMAGE_ID in sequence[context:]:
+        raise DataError("the image does not fit in the context")
+    sequence, is_answer = sequence[:context + 1], is_answer[:context + 1]
+    targets = [token if answer else -100 for token, answer in zip(sequence[1:], is_answer[1:])]
+    return sequence[:-1], targets
+
+
+def question_prefix(tokenizer, question):
+    """The token ids before and after the image placeholders when asking one question: what generation
+    continues from (caption.py --prompt and the answer evaluation)."""
+    return (BOS_ID, USER_ID), (*encode(tokenizer, question.strip()), EOT_ID, ASSISTANT_ID)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Conversation data: Shapes World Q&A, or LLaVA-format JSON
+# ----------------------------------------------------------------------------------------------------------
+
+def shapes_conversations(split, n, seed, image_size):
+    """One conversation per scene: 1-3 of its questions (and sometimes a request for the caption), the
+    first turn carrying the image."""
+    rng = random.Random(f"{seed} {split}")
+    scenes = shapes_world.make_scenes(split, n, seed=seed + 2)
+    images = [lambda scene=scene: shapes_world.render(scene, image_size) for scene in scenes]
+    pairs = []
+    for i, scene in enumerate(scenes):
+        qa = [(q, a) for q, a, _ in shapes_world.questions(scene, rng)]
+        if rng.random() < 0.2:
+            qa.append(("describe the picture.", shapes_world.caption(scene)))
+        rng.shuffle(qa)
+        turns = qa[:rng.randint(1, 3)]
+        turns[0] = (IMAGE_MARKER + turns[0][0], turns[0][1])
+        pairs.append((i, turns))
+    return CaptionSet(images, pairs, scenes, name=f"Shapes World conversations {split}")
+
+
+def check_record(record, image_folder):
+    """The (question, answer) turns of one LLaVA-format record, or a DataError saying what is wrong."""
+    turns = record.get("conversations") or []
+    if not turns:
+        raise DataError("empty conversation")
+    speakers = [turn.get("from") for turn in turns]
+    if len(turns) % 2 or any(s != ("human" if i % 2 == 0 else "gpt") for i, s in enumerate(speakers)):
+        raise DataError(f"turns must alternate human, gpt, ... (got {', '.join(map(str, speakers))})")
+    markers = sum(turn.get("value", "").count(IMAGE_MARKER) for turn in turns)
+    if markers != 1 or IMAGE_MARKER not in turns[0].get("value", ""):
+        raise DataError(f"needs exactly one {IMAGE_MARKER} marker, in the first human turn (has {markers})")
+    path = os.path.join(image_folder, record.get("image") or "")
+    if not record.get("image") or not os.path.isfile(path):
+        raise DataError(f"image not found: {path}")
+    return path, [(turns[i]["value"], turns[i + 1]["value"]) for i in range(0, len(turns), 2)]
+
+
+def llava_conversations(config, split):
+    """Conversations from a LLaVA-Instruct JSON file (a list of {"id", "image", "conversations": [{"from":
+    "human"|"gpt", "value"}]}) and its image folder. Bad records are reported, counted and skipped; every
+    50th good record is held out for validation."""
+    from align import open_image
+    source, folder = config["instruct_source"], config["image_folder"]
+    try:
+        with open(source) as f:
+            records = json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"no such conversation file: {source}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{source} is not JSON ({error})") from None
+    if not isinstance(records, list):
+        raise DataError(f"{source} must hold a JSON list of conversation records")
+    images, pairs, skipped, kept = [], [], 0, 0
+    for number, record in enumerate(records):
+        try:
+            path, turns = check_record(record if isinstance(record, dict) else {}, folder)
+        except DataError as problem:
+            skipped += 1
+            if split == "train":
+                name = record.get("id", "?") if isinstance(record, dict) else "?"
+                print(f"skipping record {number} (id {name}) of {source}: {problem}", flush=True)
+            continue
+        kept += 1
+        if (kept % 50 == 0) == (split == "val"):
+            pairs.append((len(images), turns))
+            images.append(lambda path=path: open_image(path))
+    if split == "train" and skipped:
+        print(f"skipped {skipped} of {len(records)} records of {source}", flush=True)
+    return CaptionSet(images, pairs, name=f"{source} {split}")
+
+
+class ConversationBatches(CaptionBatches):
+    """CaptionBatches with conversations in place of captions."""
+
+    def examples(self, split, vlm, tokenizer, config):
+        if config["instruct_source"] == "shapes":
+            n = config["train_images"] if split == "train" else config["eval_images"]
+            data = shapes_conversations(split, n, config["seed"], config["image_size"])
+        else:
+            data = llava_conversations(config, split)
+        context = vlm.config["context"]
+        return data, [render_conversation(turns, tokenizer, vlm.n_image_tokens, context) for _, turns in data.pairs]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Answer accuracy
+# ----------------------------------------------------------------------------------------------------------
+
+def answer_accuracy(vlm, batches, tokenizer):
+    """Greedy answers to every question of the held-out Shapes World scenes, scored by exact match, overall
+    and per question type (colour, kind, count, position, existence)."""
+    data = batches.sets["val"]
+    if data.scenes is None:
+        return {}
+    was_training = vlm.training
+    vlm.eval()
+    rng = random.Random(0)
+    by_prefix = {}  # questions grouped by prompt length, so that each group is one batch without padding
+    for row, scene in enumerate(data.scenes):
+        for question, answer, kind in shapes_world.questions(scene, rng):
+            before, after = question_prefix(tokenizer, question)
+            by_prefix.setdefault(len(after), []).append((row, after, answer, kind))
+    right, total = {}, {}
+    for group in by_prefix.values():
+        for start in range(0, len(group), 100):
+            chunk = group[start:start + 100]
+            batch = batches.batch("val", [row for row, _, _, _ in chunk])
+            features = batch["features"] if "features" in batch else vlm.image_features(batch["images"])
+            after = torch.tensor([a for _, a, _, _ in chunk], device=features.device)  # (B, question length)
+            answers = caption_images(vlm, features, 8, (BOS_ID, USER_ID), after)
+            for (_, _, expected, kind), ids in zip(chunk, answers):
+                ok = tokenizer.decode(ids).strip() == expected
+                for key in (kind, "all"):
+                    right[key] = right.get(key, 0) + ok
+                    total[key] = total.get(key, 0) + 1
+    vlm.train(was_training)
+    return {f"answer {k}": right[k] / total[k] for k in ["all"] + sorted(k for k in total if k != "all")}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    config = get_config("instruct", argv)
+    rank, world, device = setup_device(config)
+    torch.manual_seed(config["seed"])
+    vlm, tokenizer, align_state = vlm_from_checkpoint(config["align_ckpt"], "python align.py", device)
+    vlm.llm.requires_grad_(True)  # phase 3 trains the LLM and the projector; the encoder stays frozen
+    vlm.projector.requires_grad_(True)
+    for key in ("vision_model", "vision_layer", "image_size", "pixel_shuffle", "projector_hidden"):
+        config[key] = align_state["config"][key]  # the architecture is the phase-2 checkpoint's
+    batches = ConversationBatches(vlm, tokenizer, config, device, rank)
+    if config["epochs"] > 0:
+        config["max_iters"] = config["epochs"] * len(batches.sets["train"].pairs) // (
+            config["batch_size"] * config["grad_accum_steps"] * world)
+    if rank == 0:
+        trainable = sum(p.numel() for p in vlm.parameters() if p.requires_grad)
+        print(f"VLM: {sum(p.numel() for p in vlm.parameters()):,} parameters, {trainable:,} trainable (LLM + "
+              f"projector); {len(batches.sets['train'].pairs):,} training conversations; "
+              f"{config['max_iters']} steps of {config['batch_size']}", flush=True)
+    lr_scale = lambda name: config["projector_lr_scale"] if name.startswith("projector.") else 1.0
+    train(config, vlm, batches, evaluate_extra=lambda m: answer_accuracy(m, batches, tokenizer), lr_scale=lr_scale,
+          checkpoint_extra=dict(tokenizer=tokenizer.to_str(), llm_config=align_state["llm_config"]))
+    if rank == 0:
+        print(f"saved {os.path.join(config['out_dir'], 'ckpt.pt')}; try: "
+              f"python caption.py some.png --prompt \"how many shapes are there?\"")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, DataError, TrainingError) as error:
+        sys.exit(f"error: {error}")
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
