@@ -74,7 +74,7 @@ CONFIG = dict(
     train_images=12_000,        # Shapes World scenes for caption training
     eval_images=200,            # held-out scenes whose generated captions are scored at each eval
     epochs=0,                   # if > 0, max_iters = epochs over the training captions
-    encoder_steps=800,          # Shapes World: steps of the stand-in "ImageNet pretraining" of the encoder
+    encoder_steps=600,          # Shapes World: steps of the stand-in "ImageNet pretraining" of the encoder
     encoder_lr=2e-3,
     # --- phase 3: visual instruction tuning (DESIGN §7) ---
     align_ckpt="out/align/ckpt.pt",   # the phase-2 checkpoint to start from
@@ -115,10 +115,10 @@ POSITIONAL = {"caption": "image"}
 
 # Each phase's own defaults, applied over CONFIG and under the presets.
 PHASE_DEFAULTS = {
-    "align": dict(lr=1e-3, min_lr=1e-4, batch_size=32, max_iters=600, warmup_iters=30, eval_interval=200,
-                  log_interval=50, eval_iters=10),
-    "instruct": dict(lr=1e-3, min_lr=1e-4, batch_size=32, max_iters=600, warmup_iters=30, eval_interval=200,
-                     log_interval=50, eval_iters=10, eval_images=100, projector_lr_scale=2.0),
+    "align": dict(lr=3e-3, min_lr=3e-4, batch_size=32, max_iters=1200, warmup_iters=30, eval_interval=400,
+                  log_interval=100, eval_iters=10),
+    "instruct": dict(lr=1e-3, min_lr=1e-4, batch_size=32, max_iters=1200, warmup_iters=30, eval_interval=400,
+                     log_interval=100, eval_iters=10, eval_images=100, projector_lr_scale=2.0),
 }
 
 

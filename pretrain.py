@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from config import ConfigError, get_config
-from data.prepare_text import BOS_ID, EOS_ID, EOT_ID, DataError, prepare
+from data.prepare_text import EOS_ID, EOT_ID, DataError, prepare
 
 
 class TrainingError(RuntimeError):
@@ -249,8 +249,17 @@ class Experts(nn.Module):
         # Autocast does not cover grouped_mm, so cast as it would for a matmul (bf16 under bf16 autocast).
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        matmul = lambda a, w: F.grouped_mm(a.to(dtype), w.to(dtype), offs=group_ends)
+        # torch.compile lowers grouped_mm for bf16 only; in other dtypes it runs eagerly inside the graph.
+        grouped = grouped_matmul if dtype == torch.bfloat16 else eager_grouped_matmul
+        matmul = lambda a, w: grouped(a.to(dtype), w.to(dtype), group_ends)
         return matmul(F.silu(matmul(x, self.gate_proj)) * matmul(x, self.up_proj), self.down_proj)
+
+
+def grouped_matmul(x, weights, group_ends):
+    return F.grouped_mm(x, weights, offs=group_ends)
+
+
+eager_grouped_matmul = torch.compiler.disable(grouped_matmul)
 
 
 class MoE(nn.Module):
@@ -284,7 +293,9 @@ class MoE(nn.Module):
         order = slot_experts.argsort(stable=True)                       # slots grouped by expert
         slot_tokens = order // self.top_k                               # token of each sorted slot
         counts = torch.bincount(slot_experts, minlength=self.n_experts)
-        routed_in = x[slot_tokens] * gates.flatten()[order, None]       # (N * top_k, dim), gate on the input
+        # index_select rather than x[...]: its backward is an index_add, which is much faster on a CPU than
+        # advanced indexing's accumulating index_put (every token appears top_k times).
+        routed_in = x.index_select(0, slot_tokens) * gates.flatten().index_select(0, order)[:, None]
         routed_out = self.experts(routed_in, counts.cumsum(0).to(torch.int32))
         out = self.shared_expert(x).index_add(0, slot_tokens, routed_out)
         self.tokens_per_expert = counts.detach()

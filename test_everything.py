@@ -746,7 +746,6 @@ def write_images(folder, n):
 
 
 def test_coco_parquet_and_imagefolder_load_offline(tmp_path, monkeypatch):
-    import io
     import pyarrow as pa
     import pyarrow.parquet as pq
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -949,3 +948,18 @@ def test_align_bad_input(tiny_vlm_ckpts, tmp_path):
     assert_clean_error(run("align.py", f"--llm_ckpt={llm_ckpt}", "--caption_source=hf", "--vision_weights=none",
                            f"--out_dir={tmp_path / 'a'}", env={"HF_HUB_OFFLINE": "1"}), "caption_source=path")
     assert not (tmp_path / "a").exists()
+
+
+def test_compiled_model_matches_eager():
+    """--compile=True: torch.compile's graph gives the eager model's loss and gradients (grouped_mm included)."""
+    model = tiny_model().train()
+    batch = random_batch(3, 2)
+    _, loss, aux = model(**batch)
+    (loss + 0.01 * aux).backward()
+    eager = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    _, compiled_loss, compiled_aux = torch.compile(model)(**batch)
+    (compiled_loss + 0.01 * compiled_aux).backward()
+    assert compiled_loss.item() == pytest.approx(loss.item(), rel=1e-5)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, eager[name], atol=1e-5, rtol=1e-4, msg=name)

@@ -1,0 +1,367 @@
+"""How fast is it? Every figure is a ratio of two things measured in the same run on the same machine.
+
+    python bench.py                           # the default Shapes World sizes: ~1 min on 2 idle CPU cores, ~4 busy
+    python bench.py --batch_size=8 --dim=256  # any config key, as for pretrain.py
+    python bench.py --preset=llama4_seed      # the seed's sizes (on CUDA; far too big for a CPU)
+
+It prints one line naming the machine and one markdown table, row by row, ready to paste into the README:
+
+  1. a training step (forward, backward, AdamW) of our `pretrain.Transformer` against transformers'
+     `Llama4ForCausalLM` holding the same config and weights (export_hf), at the preset's size and a mid size;
+  2. one MoE layer against a dense SwiGLU with as many active parameters, forward + backward;
+  3. generation with the KV cache against re-running the whole sequence for every new token, for text and
+     for a caption after 196 image tokens;
+  4. a phase-2 training step on cached encoder features against running the frozen encoder every step;
+  5. on CUDA only: the seed model's training tokens/s, MFU and peak memory with bf16 autocast and torch.compile.
+
+A shared machine is noisy: another process can slow us down several times over for a while. So each
+comparison warms both sides up, then times them alternately (A B A B ...) so that a change of load hits both,
+and reports the median of each side; the ratio is the median of the per-pair ratios, with the smallest and
+largest in brackets - a wide bracket means the machine was busy. Rows 1-4 run in fp32 on the config's device
+(on a GPU these small models are bound by kernel launches, so their targets are CPU targets); row 5 in bf16.
+"""
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from align import VLM, build_vision_transformer, caption_images, caption_sequence
+from config import ConfigError, get_config
+from data.prepare_text import BOS_ID, IMAGE_ID
+from export_hf import hf_config, hf_state_dict
+from pretrain import (FeedForward, MoE, Transformer, autocast_dtype, flops_per_token, generate, make_optimizer,
+                      peak_flops, setup_device)
+
+# A model between the Shapes World default (dim 128, 4 layers) and the seed (dim 768, 12 layers): big enough
+# that matrix multiplies, not Python overhead, dominate a CPU step, small enough to time in seconds.
+MID_SIZE = dict(dim=256, n_layers=8, n_heads=8, n_kv_heads=4, ffn_hidden=512, moe_hidden=256, context=256)
+NEW_TOKENS = 64          # generated per measurement (row 3)
+TEXT_PROMPT = 16         # prompt tokens of the text generation row
+IMAGE_GRID = 14          # 14 x 14 = 196 patch tokens, as ViT-B/16 gives at 224 px
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Timing: alternate the two sides, take medians
+# ----------------------------------------------------------------------------------------------------------
+
+def seconds(fn, device):
+    """Wall-clock seconds of one call of fn. CUDA runs asynchronously, so wait for its queued kernels first."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def compare(a, b, device, repeats, warmup=1):
+    """Time a and b alternately, `repeats` times each after `warmup` untimed calls of each (the first calls
+    allocate memory and fill caches). Returns (median seconds of a, median seconds of b, the ratios b / a
+    of each pair): a pair is measured back to back, so its ratio is the least disturbed by drifting load."""
+    for _ in range(warmup):
+        a(), b()
+    pairs = [(seconds(a, device), seconds(b, device)) for _ in range(repeats)]
+    return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs), [b / a for a, b in pairs]
+
+
+def ratio_text(ratios, unit="×"):
+    """The median ratio with the smallest and largest pair in brackets, e.g. 2.41× (2.30–2.62)."""
+    return f"{statistics.median(ratios):.2f}{unit} ({min(ratios):.2f}–{max(ratios):.2f})"
+
+
+def verdict(value, target, at_least=True):
+    """The target column: the target and whether this run met it."""
+    value = round(value, 2)  # judged at the precision the table shows
+    met = value >= target if at_least else value <= target
+    return f"{'≥' if at_least else '≤'} {target:g}× {'✓' if met else '✗ missed'}"
+
+
+def busy_share(seconds=1.0):
+    """The share of all cores that other processes kept busy over `seconds` before we start, from /proc/stat
+    (Linux; None elsewhere). The load average would lag by a minute."""
+    if not os.path.exists("/proc/stat"):
+        return None
+
+    def idle_and_total():
+        with open("/proc/stat") as f:
+            ticks = [int(t) for t in f.readline().split()[1:]]   # user nice system idle iowait ...
+        return ticks[3] + ticks[4], sum(ticks)
+
+    idle0, total0 = idle_and_total()
+    time.sleep(seconds)
+    idle1, total1 = idle_and_total()
+    return 1 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+def machine_line(device):
+    """CPU model, cores, torch version and threads, and how busy other processes kept the CPU as we started."""
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    line = f"machine: {cpu}, {os.cpu_count()} cores | torch {torch.__version__} | threads {torch.get_num_threads()}"
+    busy = busy_share()
+    if busy is not None:
+        line += f" | other processes used {100 * busy:.0f}% of the CPU at start"
+        if device.type == "cpu" and busy > 0.25:
+            # With as many threads as cores, every op waits for whichever of its threads another process has
+            # descheduled, so op-heavy code (MoE routing, decoding) slows far more than big matmuls.
+            line += (" (busy: figures are skewed against the side with more small ops; rerun idle or with "
+                     "OMP_NUM_THREADS=1)")
+    if device.type == "cuda":
+        line += f" | {torch.cuda.get_device_name(device)}"
+    return line
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Training throughput: ours against transformers' Llama4ForCausalLM
+# ----------------------------------------------------------------------------------------------------------
+
+def random_batch(config, device, generator):
+    """A (batch_size, context) batch of random token ids; speed does not depend on what the tokens say."""
+    shape = (config["batch_size"], config["context"])
+    tokens = torch.randint(config["vocab_size"], shape, generator=generator).to(device)
+    targets = torch.randint(config["vocab_size"], shape, generator=generator).to(device)
+    return dict(tokens=tokens, targets=targets)
+
+
+def training_step(model, optimizer, loss_of):
+    """One optimizer step as pretrain.train takes it: loss, backward, gradient clipping at 1.0, AdamW."""
+    def step():
+        loss_of(model).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def our_loss(batch, config):
+    """The loss pretrain.train minimises: language-model loss + aux_loss_coef x the MoE balancing loss."""
+    def loss_of(model):
+        _, loss, aux_loss = model(**batch)
+        return loss + config["aux_loss_coef"] * aux_loss
+    return loss_of
+
+
+def transformers_loss(batch):
+    """The same cross-entropy on transformers' logits. use_cache=False: a training forward keeps no KV cache."""
+    def loss_of(model):
+        logits = model(input_ids=batch["tokens"], use_cache=False).logits
+        return F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten())
+    return loss_of
+
+
+def transformers_twin(model, device):
+    """transformers' Llama4ForCausalLM with our model's config and weights: export_hf's config.json and its
+    renaming, loaded in memory rather than through a folder."""
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+    twin = Llama4ForCausalLM(Llama4TextConfig(**hf_config(model.config, torch.float32)))
+    twin.load_state_dict(hf_state_dict(model.state_dict()))
+    return twin.to(device)
+
+
+def training_row(name, config, device, repeats):
+    setting = (f"{name}: dim {config['dim']}, {config['n_layers']} layers, "
+               f"batch {config['batch_size']} × {config['context']}")
+    torch.manual_seed(0)
+    ours = Transformer(config).to(device)
+    try:
+        twin = transformers_twin(ours, device)
+    except ImportError:  # transformers is a test-only extra
+        return ["training tokens/s, ours vs transformers' Llama4ForCausalLM", setting, "—", "—",
+                "skipped: transformers is not installed (pip install -r requirements-test.txt)", "≥ 2×"]
+    batch = random_batch(config, device, torch.Generator().manual_seed(0))
+    ours_step = training_step(ours, make_optimizer(ours, config, device), our_loss(batch, config))
+    twin_step = training_step(twin, make_optimizer(twin, config, device), transformers_loss(batch))
+    ours_s, twin_s, ratios = compare(ours_step, twin_step, device, repeats)
+    tokens = batch["tokens"].numel()
+    return ["training tokens/s, ours vs transformers' Llama4ForCausalLM", setting, f"{tokens / ours_s:,.0f}",
+            f"{tokens / twin_s:,.0f}", ratio_text(ratios), verdict(statistics.median(ratios), 2)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. One MoE layer against a dense SwiGLU with the same active parameters
+# ----------------------------------------------------------------------------------------------------------
+
+def moe_row(name, config, device, repeats):
+    """A token meets top_k routed experts and the shared expert, each of moe_hidden units, so the dense layer
+    with as many active parameters has (top_k + 1) * moe_hidden. The MoE's extra cost is the routing: the
+    router, sorting the slots by expert, gathering and scattering the tokens."""
+    torch.manual_seed(0)
+    moe = MoE(config).to(device)
+    hidden = (config["top_k"] + 1) * config["moe_hidden"]
+    dense = FeedForward(config["dim"], hidden).to(device)
+    # Transformer's init. A bare MoE leaves its experts as torch.empty, and leftover memory may hold denormal
+    # floats, which a CPU multiplies ~100x slower.
+    with torch.no_grad():
+        for param in [*moe.parameters(), *dense.parameters()]:
+            param.normal_(0, 0.02)
+    x = torch.randn(config["batch_size"], config["context"], config["dim"], device=device, requires_grad=True)
+
+    def moe_pass():
+        out, aux_loss = moe(x)
+        torch.autograd.grad(out.sum() + aux_loss, [x, *moe.parameters()])
+
+    def dense_pass():
+        torch.autograd.grad(dense(x).sum(), [x, *dense.parameters()])
+
+    moe_s, dense_s, ratios = compare(moe_pass, dense_pass, device, repeats)
+    ratios = [1 / r for r in ratios]  # MoE time over dense time
+    return ["MoE layer vs dense SwiGLU of equal active params, forward + backward (ms)",
+            f"{name}: {x.shape[0] * x.shape[1]} tokens, dim {config['dim']}, MoE {config['n_experts']} × "
+            f"{config['moe_hidden']} top-{config['top_k']} + shared vs dense {hidden}",
+            f"{1000 * moe_s:.1f}", f"{1000 * dense_s:.1f}", ratio_text(ratios, "× the dense time"),
+            verdict(statistics.median(ratios), 1.5, at_least=False)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. Generation: the KV cache against full recompute
+# ----------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def generate_by_recompute(llm, embeds, max_new_tokens):
+    """Greedy generation without a cache: every new token re-runs the whole sequence so far, prefix
+    included. embeds: (B, T, dim), the prompt's input vectors."""
+    for _ in range(max_new_tokens):
+        logits, _, _ = llm(embeds=embeds)
+        next_token = logits[:, -1].argmax(-1, keepdim=True)            # (B, 1)
+        embeds = torch.cat([embeds, llm.embed_tokens(next_token)], dim=1)
+
+
+def image_vlm(config, device):
+    """A VLM with random weights whose image is 196 tokens: a 112 px ViT with 8 px patches (a 14 x 14 grid,
+    as ViT-B/16 at 224 px) and no pixel shuffle. The LLM's context fits the image, two special tokens and
+    the caption."""
+    vision = dict(config, vision_model="shapes_vit", image_size=8 * IMAGE_GRID, pixel_shuffle=1)
+    llm = Transformer(dict(config, context=max(config["context"], IMAGE_GRID ** 2 + NEW_TOKENS + 2)))
+    return VLM(llm, build_vision_transformer(vision), vision).to(device).eval().requires_grad_(False)
+
+
+def generation_rows(config, device, repeats):
+    torch.manual_seed(0)
+    vlm = image_vlm(config, device)
+    llm = vlm.llm
+    prompt = torch.randint(7, config["vocab_size"], (1, TEXT_PROMPT), device=device)  # ids past the specials
+    features = vlm.image_features(torch.randn(1, 3, vlm.vit.image_size, vlm.vit.image_size, device=device))
+    prefix = torch.tensor([[BOS_ID] + [IMAGE_ID] * vlm.n_image_tokens], device=device)
+    # stop_ids=(): random weights may pick the end token early; every run must generate all NEW_TOKENS.
+    cases = [("text", f"a {TEXT_PROMPT}-token prompt",
+              lambda: generate(llm, prompt, NEW_TOKENS, stop_ids=()),
+              lambda: generate_by_recompute(llm, llm.embed_tokens(prompt), NEW_TOKENS)),
+             ("caption", f"{vlm.n_image_tokens} image tokens",
+              lambda: caption_images(vlm, features, NEW_TOKENS, stop_ids=()),
+              lambda: generate_by_recompute(llm, vlm.embed(prefix, features), NEW_TOKENS))]
+    rows = []
+    for name, where, cached, recompute in cases:
+        cached_s, recompute_s, ratios = compare(cached, recompute, device, repeats)
+        target = verdict(statistics.median(ratios), 10) if name == "caption" else "—"
+        setting = f"batch 1, {NEW_TOKENS} new tokens after {where}, dim {config['dim']}, {config['n_layers']} layers"
+        rows.append([f"generation tokens/s, {name}: KV cache vs full recompute", setting,
+                     f"{NEW_TOKENS / cached_s:,.0f}", f"{NEW_TOKENS / recompute_s:,.0f}", ratio_text(ratios), target])
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. Phase 2: cached encoder features against encoding the images every step
+# ----------------------------------------------------------------------------------------------------------
+
+def phase2_row(config, device, repeats):
+    """align.py's training step (the projector learns; encoder and LLM are frozen) on hand-built caption
+    batches: one with the images' features precomputed, as cache_features=True reads them from disk, one
+    with the pixels, which the frozen encoder turns into features inside the step."""
+    torch.manual_seed(0)
+    llm = Transformer(config).requires_grad_(False)
+    vlm = VLM(llm, build_vision_transformer(config), config).to(device).train()
+    generator = torch.Generator().manual_seed(0)
+    captions = torch.randint(7, config["vocab_size"], (config["batch_size"], 16), generator=generator)
+    sequences = [caption_sequence(ids, vlm.n_image_tokens) for ids in captions.tolist()]
+    tokens = torch.tensor([s[0] for s in sequences], device=device)
+    targets = torch.tensor([s[1] for s in sequences], device=device)
+    images = torch.randn(config["batch_size"], 3, config["image_size"], config["image_size"], device=device)
+    features = vlm.image_features(images).half()  # the cache stores float16
+    cached = training_step(vlm, make_optimizer(vlm, config, device),
+                           our_loss(dict(tokens=tokens, targets=targets, features=features), config))
+    uncached = training_step(vlm, make_optimizer(vlm, config, device),
+                             our_loss(dict(tokens=tokens, targets=targets, images=images), config))
+    cached_s, uncached_s, ratios = compare(cached, uncached, device, repeats)
+    return ["phase-2 step time, cached features vs encoder every step (ms)",
+            f"batch {config['batch_size']}, {config['vision_model']} {config['image_size']} px, "
+            f"{vlm.n_image_tokens} image tokens + {tokens.shape[1] - vlm.n_image_tokens} text",
+            f"{1000 * cached_s:.1f}", f"{1000 * uncached_s:.1f}", ratio_text(ratios, "× faster"), "—"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. CUDA: the seed model's throughput, MFU and memory
+# ----------------------------------------------------------------------------------------------------------
+
+def cuda_row(device, repeats):
+    """MFU = tokens/s × FLOPs per token / the GPU's peak bf16 FLOP/s, with pretrain.flops_per_token's count:
+    6 × N_active (the matmul parameters, embedding excluded) + attention, 12 × heads × head_dim per key a
+    query attends to."""
+    figure = "llama4_seed training, bf16 autocast + torch.compile"
+    formula = "MFU = tok/s × (6·N_active matmul params + Σ layers 12·heads·head_dim·(span+1)/2) / peak bf16"
+    if device.type != "cuda":
+        return [figure, formula, "—", "—", "skipped: needs CUDA", "—"]
+    config = get_config("pretrain", ["--preset=llama4_seed"])
+    torch.manual_seed(0)
+    model = Transformer(config).to(device)
+    batch = random_batch(config, device, torch.Generator().manual_seed(0))
+    autocast = torch.autocast("cuda", dtype=autocast_dtype(config, device))
+
+    def loss_of(compiled):
+        with autocast:
+            return our_loss(batch, config)(compiled)
+
+    step = training_step(torch.compile(model), make_optimizer(model, config, device), loss_of)
+    for _ in range(3):  # the first calls compile
+        step()
+    torch.cuda.reset_peak_memory_stats(device)
+    step_s = statistics.median(seconds(step, device) for _ in range(repeats))
+    tokens_per_s = batch["tokens"].numel() / step_s
+    peak = peak_flops(device)
+    mfu = f"MFU {100 * tokens_per_s * flops_per_token(config) / peak:.1f}%" if peak else "MFU: peak unknown"
+    memory = torch.cuda.max_memory_allocated(device) / 2**30
+    return [figure, f"{formula}; batch {config['batch_size']} × {config['context']}", f"{tokens_per_s:,.0f} tok/s",
+            "—", f"{mfu}, peak memory {memory:.1f} GiB", "—"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------------
+
+def print_row(cells):
+    print("| " + " | ".join(cells) + " |", flush=True)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    config = get_config("pretrain", argv)
+    align_config = get_config("align", argv)  # phase 2's own batch size and encoder
+    _, _, device = setup_device(config)
+    started = time.perf_counter()
+    print(machine_line(device), flush=True)
+    print_row(["figure: A vs B", "setting", "A", "B", "ratio (min–max)", "target"])
+    print_row(["---"] * 4 + ["---:", "---"])
+    mid = dict(config, **MID_SIZE)
+    # Each row is printed as soon as it is measured, so a long run shows its progress.
+    print_row(training_row("preset", config, device, repeats=7))
+    print_row(training_row("mid size", mid, device, repeats=5))
+    print_row(moe_row("preset", config, device, repeats=11))
+    print_row(moe_row("mid size", mid, device, repeats=9))
+    for row in generation_rows(config, device, repeats=5):
+        print_row(row)
+    print_row(phase2_row(align_config, device, repeats=9))
+    print_row(cuda_row(device, repeats=10))
+    print(f"bench took {(time.perf_counter() - started) / 60:.1f} min", flush=True)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ConfigError as error:
+        sys.exit(f"error: {error}")
