@@ -19,7 +19,6 @@ import itertools
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import torch
@@ -31,7 +30,7 @@ from data import shapes_world
 from data.captions import caption_set
 from data.prepare_text import BOS_ID, EOS_ID, EOT_ID, IMAGE_ID, PAD_ID, SPECIAL_TOKENS, DataError
 from pretrain import (TrainingError, Transformer, encode, generate, load_checkpoint, load_model_state,
-                      load_tokenizer, model_from_checkpoint, setup_device, train)
+                      load_tokenizer, model_from_checkpoint, run, setup_device, train)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -493,6 +492,13 @@ def caption_accuracy(vlm, batches, tokenizer, n_images, batch_size=100):
 # main
 # ----------------------------------------------------------------------------------------------------------
 
+def set_epochs(config, n_examples, world):
+    """With --epochs=N > 0, max_iters becomes N passes over n_examples at the global batch size."""
+    if config["epochs"] > 0:
+        config["max_iters"] = config["epochs"] * n_examples // (
+            config["batch_size"] * config["grad_accum_steps"] * world)
+
+
 def main(argv=None):
     config = get_config("align", argv)
     rank, world, device = setup_device(config)
@@ -505,9 +511,7 @@ def main(argv=None):
             raise TrainingError(f"{config['out_dir']}/ckpt.pt was trained on another phase-1 tokenizer than "
                                 f"{config['llm_ckpt']}; resume with the --llm_ckpt it was made from")
     batches = CaptionBatches(vlm, tokenizer, config, device, rank)
-    if config["epochs"] > 0:
-        config["max_iters"] = config["epochs"] * len(batches.sets["train"].pairs) // (
-            config["batch_size"] * config["grad_accum_steps"] * world)
+    set_epochs(config, len(batches.sets["train"].pairs), world)
     if rank == 0:
         trainable = sum(p.numel() for p in vlm.parameters() if p.requires_grad)
         total = sum(p.numel() for p in vlm.parameters())
@@ -521,10 +525,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, DataError, TrainingError) as error:
-        sys.exit(f"error: {error}")
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    run(main)

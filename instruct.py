@@ -17,16 +17,15 @@ the answer scoring; the VLM comes from align.py and the training loop from pretr
 import json
 import os
 import random
-import sys
 
 import torch
 
-from align import CaptionBatches, caption_images, vlm_from_checkpoint
-from config import ConfigError, get_config
+from align import CaptionBatches, caption_images, set_epochs, vlm_from_checkpoint
+from config import get_config
 from data import shapes_world
 from data.captions import CaptionSet
 from data.prepare_text import ASSISTANT_ID, BOS_ID, EOT_ID, IMAGE_ID, USER_ID, DataError
-from pretrain import TrainingError, encode, setup_device, train
+from pretrain import encode, run, setup_device, train
 
 IMAGE_MARKER = "<image>"  # where LLaVA-format text puts the image
 
@@ -197,9 +196,7 @@ def main(argv=None):
     for key in ("vision_model", "vision_layer", "image_size", "pixel_shuffle", "projector_hidden"):
         config[key] = align_state["config"][key]  # the architecture is the phase-2 checkpoint's
     batches = ConversationBatches(vlm, tokenizer, config, device, rank)
-    if config["epochs"] > 0:
-        config["max_iters"] = config["epochs"] * len(batches.sets["train"].pairs) // (
-            config["batch_size"] * config["grad_accum_steps"] * world)
+    set_epochs(config, len(batches.sets["train"].pairs), world)
     if rank == 0:
         trainable = sum(p.numel() for p in vlm.parameters() if p.requires_grad)
         print(f"VLM: {sum(p.numel() for p in vlm.parameters()):,} parameters, {trainable:,} trainable (LLM + "
@@ -214,10 +211,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, DataError, TrainingError) as error:
-        sys.exit(f"error: {error}")
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    run(main)

@@ -739,7 +739,9 @@ def main(argv=None):
         print(f"saved {os.path.join(config['out_dir'], 'ckpt.pt')}; try: python sample.py --prompt \"a red\"")
 
 
-if __name__ == "__main__":
+def run(main):
+    """Run a phase's main: an expected failure (bad config, data, checkpoint or loss) ends as one error line
+    and exit status 1 instead of a traceback; a DDP process group is always closed."""
     try:
         main()
     except (ConfigError, DataError, TrainingError) as error:
@@ -747,3 +749,7 @@ if __name__ == "__main__":
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run(main)
