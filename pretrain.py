@@ -256,6 +256,7 @@ class Experts(nn.Module):
 
 
 def grouped_matmul(x, weights, group_ends):
+    """Rows group_ends[e-1]:group_ends[e] of x times weights[e], for every expert e, in one call."""
     return F.grouped_mm(x, weights, offs=group_ends)
 
 
