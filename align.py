@@ -362,17 +362,19 @@ def caption_sequence(caption_ids, n_image_tokens):
     return sequence[:-1], targets
 
 
-def compute_features(vlm, images, transform, path, device, batch_size=64):
+def compute_features(vlm, images, transform, path, device, source, batch_size=64):
     """Encode every image once with the frozen encoder into a float16 .npy file (memory-mapped, so COCO's
     118k x 196 x 768 features need not fit in RAM). Reused while the fingerprint (encoder weights, layer,
-    image list) matches. Returns the memmap."""
+    the `source` description of the images, their number) matches. Returns the memmap."""
     fingerprint = hashlib.sha1()
     for tensor in vlm.vit.state_dict().values():
         fingerprint.update(tensor.detach().cpu().float().numpy().tobytes()[:256])
-    fingerprint.update(f"{vlm.vision_layer} {len(images)} {path}".encode())
+    fingerprint.update(f"{vlm.vision_layer} {source} {len(images)}".encode())
     stamp = path + ".json"
-    if os.path.exists(stamp) and json.load(open(stamp)).get("fingerprint") == fingerprint.hexdigest():
-        return np.load(path, mmap_mode="r")
+    if os.path.exists(stamp):
+        with open(stamp) as f:
+            if json.load(f).get("fingerprint") == fingerprint.hexdigest():
+                return np.load(path, mmap_mode="r")
     with torch.no_grad():
         first = vlm.image_features(transform(images[0]())[None].to(device))
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -400,10 +402,25 @@ class CaptionBatches:
             data, self.sequences[split] = self.examples(split, vlm, tokenizer, config)
             self.sets[split] = data
             if config["cache_features"]:
-                path = os.path.join(config["out_dir"], f"features_{split}.npy")
-                print(f"caching {split} image features -> {path}", flush=True)
-                self.features[split] = compute_features(vlm, data.images, self.transform, path, device)
+                self.features[split] = self.cached_features(vlm, data, split, config, device, rank)
         self.generator = torch.Generator().manual_seed(config["seed"] + rank)
+
+    def cached_features(self, vlm, data, split, config, device, rank):
+        """The split's features from the cache; rank 0 writes it while the other DDP ranks wait, then read it."""
+        path = os.path.join(config["out_dir"], f"features_{split}.npy")
+        source = " ".join(str(config[k]) for k in ("caption_source", "instruct_source", "image_size", "seed",
+                                                   "train_images", "eval_images"))
+        if rank == 0:
+            print(f"caching {split} image features -> {path}", flush=True)
+            compute_features(vlm, data.images, self.transform, path, device, source)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        return compute_features(vlm, data.images, self.transform, path, device, source)  # now a cache hit
+
+    def features_of(self, vlm, split, rows):
+        """Encoder features (B, patches, D) of the images of the given rows: cached, or computed now."""
+        batch = self.batch(split, rows)
+        return batch["features"] if "features" in batch else vlm.image_features(batch["images"])
 
     def examples(self, split, vlm, tokenizer, config):
         """The split's CaptionSet and the (tokens, targets) sequence of each of its pairs."""
@@ -477,10 +494,7 @@ def caption_accuracy(vlm, batches, tokenizer, n_images, batch_size=100):
     n_images = min(n_images, len(data.scenes))
     for start in range(0, n_images, batch_size):
         rows = list(range(start, min(start + batch_size, n_images)))
-        features = batches.batch("val", rows).get("features")
-        if features is None:
-            features = vlm.image_features(batches.batch("val", rows)["images"])
-        for row, ids in zip(rows, caption_images(vlm, features)):
+        for row, ids in zip(rows, caption_images(vlm, batches.features_of(vlm, "val", rows))):
             score = shapes_world.score_caption(tokenizer.decode(ids), data.scenes[data.pairs[row][0]])
             for key, value in score.items():
                 totals[key] = totals.get(key, 0.0) + float(value)

@@ -169,10 +169,9 @@ def answer_accuracy(vlm, batches, tokenizer):
     for group in by_prefix.values():
         for start in range(0, len(group), 100):
             chunk = group[start:start + 100]
-            batch = batches.batch("val", [row for row, _, _, _ in chunk])
-            features = batch["features"] if "features" in batch else vlm.image_features(batch["images"])
+            features = batches.features_of(vlm, "val", [row for row, _, _, _ in chunk])
             after = torch.tensor([a for _, a, _, _ in chunk], device=features.device)  # (B, question length)
-            answers = caption_images(vlm, features, 8, (BOS_ID, USER_ID), after)
+            answers = caption_images(vlm, features, 8, before, after)  # `before` is the same for every question
             for (_, _, expected, kind), ids in zip(chunk, answers):
                 ok = tokenizer.decode(ids).strip() == expected
                 for key in (kind, "all"):
