@@ -42,8 +42,8 @@ CONFIG = dict(
     grad_accum_steps=1,     # micro-batches per optimizer step
     max_iters=1000,         # optimizer steps
     max_seconds=0.0,        # if > 0, also stop (and save) after this much training time
-    lr=3e-3,
-    min_lr=3e-4,            # cosine decay ends here
+    lr=1e-3,                # peak; 3e-3 trains faster at first but the model never learns to copy from context
+    min_lr=1e-4,            # cosine decay ends here
     warmup_iters=50,
     weight_decay=0.1,
     beta1=0.9,
@@ -118,7 +118,7 @@ PHASE_DEFAULTS = {
     "align": dict(lr=3e-3, min_lr=3e-4, batch_size=32, max_iters=1200, warmup_iters=30, eval_interval=400,
                   log_interval=100, eval_iters=10),
     "instruct": dict(lr=1e-3, min_lr=1e-4, batch_size=32, max_iters=1200, warmup_iters=30, eval_interval=400,
-                     log_interval=100, eval_iters=10, eval_images=100, projector_lr_scale=2.0),
+                     log_interval=100, eval_iters=10, eval_images=100, projector_lr_scale=4.0),
 }
 
 

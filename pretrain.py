@@ -187,14 +187,18 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, cache=None, offset=0):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)     # (B, T, n_heads, head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        # q, k and v in one matmul with the three weights stacked: one large matmul (and its two backward
+        # matmuls) runs faster than three small ones. The parameters stay separate, as transformers names them.
+        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        q, k, v = F.linear(x, weight).split([self.q_proj.out_features, *[self.k_proj.out_features] * 2], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim)                  # (B, T, n_heads, head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)               # (B, T, n_kv_heads, head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
         if self.use_rope:
             cos, sin = rope[0][offset:offset + T], rope[1][offset:offset + T]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             q, k = rms_normalize(q, self.eps), rms_normalize(k, self.eps)
-        else:
+        elif offset + T >= self.floor_scale:  # below that every position's temperature is exactly 1
             positions = torch.arange(offset, offset + T, device=x.device, dtype=torch.float32)
             temperature = 1 + self.attn_scale * torch.log(torch.floor((positions + 1) / self.floor_scale) + 1)
             q = (q * temperature[:, None, None]).type_as(q)
@@ -211,6 +215,9 @@ class Attention(nn.Module):
                 k, v = cache.update(self, k, v, offset)                 # (B, n_kv_heads, offset + T, head_dim)
             if offset == 0 and (chunk is None or T <= chunk):
                 mask, causal = None, True                               # one chunk: ordinary causal attention
+            elif T == 1:  # decoding one token: it sees every cached key of its own chunk, so no mask is needed
+                start = offset // chunk * chunk if chunk else 0
+                k, v, mask, causal = k[:, :, start:], v[:, :, start:], None, False
             else:
                 mask, causal = attention_mask(T, offset, chunk, x.device), False
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, is_causal=causal,
@@ -229,7 +236,9 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # gate and up in one matmul with their weights stacked (fewer, larger matmuls run faster)
+        gate, up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Experts(nn.Module):
@@ -253,6 +262,16 @@ class Experts(nn.Module):
         grouped = grouped_matmul if dtype == torch.bfloat16 else eager_grouped_matmul
         matmul = lambda a, w: grouped(a.to(dtype), w.to(dtype), group_ends)
         return matmul(F.silu(matmul(x, self.gate_proj)) * matmul(x, self.up_proj), self.down_proj)
+
+
+    def for_slots(self, x, experts):
+        """x: (slots, dim), experts: (slots,) the expert of each row. For a handful of rows (decoding one
+        token): gather just the chosen experts' weights and run one batched matmul per projection, instead of
+        a grouped matmul that visits every expert, most of them with no rows."""
+        pick = lambda w: w.index_select(0, experts)                     # (slots, in, out)
+        x = x[:, None]                                                  # (slots, 1, dim)
+        hidden = F.silu(torch.bmm(x, pick(self.gate_proj))) * torch.bmm(x, pick(self.up_proj))
+        return torch.bmm(hidden, pick(self.down_proj))[:, 0]            # (slots, dim)
 
 
 def grouped_matmul(x, weights, group_ends):
@@ -291,15 +310,22 @@ class MoE(nn.Module):
         top_logits, top_experts = logits.topk(self.top_k, dim=-1)       # (N, top_k) each
         gates = torch.sigmoid(top_logits.float()).type_as(x)
         slot_experts = top_experts.flatten()                            # (N * top_k,) expert of each slot
-        order = slot_experts.argsort(stable=True)                       # slots grouped by expert
-        slot_tokens = order // self.top_k                               # token of each sorted slot
         counts = torch.bincount(slot_experts, minlength=self.n_experts)
-        # index_select rather than x[...]: its backward is an index_add, which is much faster on a CPU than
-        # advanced indexing's accumulating index_put (every token appears top_k times).
-        routed_in = x.index_select(0, slot_tokens) * gates.flatten().index_select(0, order)[:, None]
-        routed_out = self.experts(routed_in, counts.cumsum(0).to(torch.int32))
-        out = self.shared_expert(x).index_add(0, slot_tokens, routed_out)
         self.tokens_per_expert = counts.detach()
+        if slot_experts.numel() < self.n_experts:  # a few tokens (decoding): run each slot on its own expert
+            routed_in = x.repeat_interleave(self.top_k, dim=0) * gates.flatten()[:, None]
+            routed_out = self.experts.for_slots(routed_in, slot_experts).view(-1, self.top_k, dim).sum(1)
+            out = self.shared_expert(x) + routed_out
+        else:
+            order = slot_experts.argsort(stable=True)                   # slots grouped by expert
+            slot_tokens = order // self.top_k                           # token of each sorted slot
+            # index_select rather than x[...]: its backward is an index_add, which is much faster on a CPU
+            # than advanced indexing's accumulating index_put (every token appears top_k times).
+            routed_in = x.index_select(0, slot_tokens) * gates.flatten().index_select(0, order)[:, None]
+            routed_out = self.experts(routed_in, counts.cumsum(0).to(torch.int32))
+            out = self.shared_expert(x).index_add(0, slot_tokens, routed_out)
+        if not self.training:  # the balancing loss only matters for training; generation skips its ops
+            return out.view(B, T, dim), None
         slot_share = counts.float() / slot_experts.numel()             # f_i
         mean_prob = torch.softmax(logits.float(), dim=-1).mean(0)      # P_i
         aux_loss = self.n_experts * (slot_share * mean_prob).sum()

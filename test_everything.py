@@ -117,23 +117,24 @@ def test_causality():
     assert (before[:, 12] - after[:, 12]).abs().max() > 1e-4
 
 
-def test_moe_matches_per_token_loop():
+@pytest.mark.parametrize("batch, length", [(2, 5), (1, 1)])  # grouped matmul; one token's gathered experts
+def test_moe_matches_per_token_loop(batch, length):
     torch.manual_seed(0)
     moe = MoE(TINY)
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.3)
-    x = torch.randn(2, 5, TINY["dim"])
+    x = torch.randn(batch, length, TINY["dim"])
     got, _ = moe(x)
     swiglu = lambda h, e: (F.silu(h @ moe.experts.gate_proj[e]) * (h @ moe.experts.up_proj[e])) @ moe.experts.down_proj[e]
-    for b in range(2):
-        for t in range(5):
+    for b in range(batch):
+        for t in range(length):
             token = x[b, t]
             logits = token @ moe.router.weight.T
             expect = moe.shared_expert(token)
             for e in logits.topk(TINY["top_k"]).indices.tolist():
                 expect = expect + swiglu(token * torch.sigmoid(logits[e]), e)  # the gate scales the input
             torch.testing.assert_close(got[b, t], expect, atol=1e-5, rtol=1e-4)
-    assert moe.tokens_per_expert.sum().item() == 2 * 5 * TINY["top_k"]  # only routed pairs were computed
+    assert moe.tokens_per_expert.sum().item() == batch * length * TINY["top_k"]  # only routed pairs were computed
 
 
 def test_aux_loss_hand_example():
