@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from config import ConfigError, get_config
-from data.prepare_text import EOS_ID, EOT_ID, DataError, prepare
+from data.prepare_text import BOS_ID, EOS_ID, EOT_ID, DataError, prepare
 
 
 class TrainingError(RuntimeError):
@@ -187,13 +187,9 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, cache=None, offset=0):
         B, T, _ = x.shape
-        # q, k and v in one matmul with the three weights stacked: one large matmul (and its two backward
-        # matmuls) runs faster than three small ones. The parameters stay separate, as transformers names them.
-        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-        q, k, v = F.linear(x, weight).split([self.q_proj.out_features, *[self.k_proj.out_features] * 2], dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim)                  # (B, T, n_heads, head_dim)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim)               # (B, T, n_kv_heads, head_dim)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)     # (B, T, n_heads, head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         if self.use_rope:
             cos, sin = rope[0][offset:offset + T], rope[1][offset:offset + T]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -236,9 +232,7 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x):
-        # gate and up in one matmul with their weights stacked (fewer, larger matmuls run faster)
-        gate, up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Experts(nn.Module):
@@ -733,6 +727,33 @@ def train(config, model, batches, evaluate_extra=None, lr_scale=None, checkpoint
 # main
 # ----------------------------------------------------------------------------------------------------------
 
+@torch.no_grad()
+def copy_losses(model, tokenizer, n_scenes=60):
+    """Does the model read its context? On "this picture shows CAPTION\nagain: CAPTION" about held-out Shapes
+    World scenes, the mean loss (nats) on the restated colour, kind and size words. Without copying, the best
+    is a blind guess: ln 6 = 1.79 for colour, ln 4 = 1.39 for kind, ln 2 = 0.69 for size. Phase 2's frozen LLM
+    must read image tokens the same way, so this predicts how well it can caption."""
+    from data import shapes_world
+    words = {"copy color": shapes_world.COLORS, "copy kind": shapes_world.KINDS, "copy size": shapes_world.SIZES}
+    losses = {name: [] for name in words}
+    was_training = model.training
+    model.eval()
+    device = model.lm_head.weight.device
+    for scene in shapes_world.make_scenes("val", n_scenes, seed=1):
+        said = shapes_world.caption(scene)
+        tokens = [BOS_ID] + encode(tokenizer, f"this picture shows {said}\nagain: {said}")
+        start = len(tokens) - len(encode(tokenizer, said))  # where the restatement begins
+        logits, _, _ = model(torch.tensor([tokens], device=device))
+        log_probs = logits[0].float().log_softmax(-1)
+        for t in range(start, len(tokens)):
+            word = tokenizer.decode([tokens[t]]).strip()
+            for name, values in words.items():
+                if word in values:
+                    losses[name].append(-log_probs[t - 1, tokens[t]].item())
+    model.train(was_training)
+    return {name: sum(v) / len(v) for name, v in losses.items() if v}
+
+
 def describe_model(model):
     total, active = count_parameters(model)
     c = model.config
@@ -761,7 +782,8 @@ def main(argv=None):
               flush=True)
     batches = TextBatches(config["data_dir"], config["context"], config["batch_size"], device, config["seed"],
                           rank, config["eval_iters"])
-    train(config, model, batches, checkpoint_extra=dict(tokenizer=tokenizer.to_str()))
+    copy_test = (lambda m: copy_losses(m, tokenizer)) if config["text_source"] == "shapes" else None
+    train(config, model, batches, evaluate_extra=copy_test, checkpoint_extra=dict(tokenizer=tokenizer.to_str()))
     if rank == 0:
         print(f"saved {os.path.join(config['out_dir'], 'ckpt.pt')}; try: python sample.py --prompt \"a red\"")
 
