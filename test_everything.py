@@ -205,6 +205,29 @@ def test_tokenizer_round_trips_any_unicode_and_reserves_special_ids(tiny_data):
         assert tokenizer.token_to_id(token) == token_id
 
 
+def test_copy_losses_agree_with_the_models_own_loss(tiny_data):
+    """pretrain.copy_losses reads log-probabilities of the restated attribute words itself; the model's own loss,
+    with targets on exactly those words and -100 elsewhere, is a second path to each group's mean."""
+    tokenizer = pretrain.load_tokenizer(tiny_data["data_dir"])
+    model = tiny_model(vocab_size=320, context=128).eval()
+    scores = pretrain.copy_losses(model, tokenizer, n_scenes=4)
+    groups = {"copy color": shapes_world.COLORS, "copy kind": shapes_world.KINDS, "copy size": shapes_world.SIZES}
+    assert scores and set(scores) <= set(groups)
+    for name, words in groups.items():  # a word the small tokenizer splits is not scored: both paths skip it
+        losses = []
+        for scene in shapes_world.make_scenes("val", 4, seed=1):
+            said = shapes_world.caption(scene)
+            tokens = [BOS_ID] + pretrain.encode(tokenizer, f"this picture shows {said}\nagain: {said}")
+            restated = len(tokens) - len(pretrain.encode(tokenizer, said))
+            targets = [t if i >= restated and tokenizer.decode([t]).strip() in words else -100
+                       for i, t in enumerate(tokens)][1:] + [-100]
+            n = sum(t != -100 for t in targets)
+            with torch.no_grad():
+                _, loss, _ = model(torch.tensor([tokens]), targets=torch.tensor([targets]))
+            losses += [loss.item()] * n
+        assert scores.get(name) == (pytest.approx(sum(losses) / len(losses), rel=1e-5) if losses else None)
+
+
 def test_token_stream_wraps_documents_and_holds_out_val_documents(tiny_data):
     tokenizer = pretrain.load_tokenizer(tiny_data["data_dir"])
     tokens = np.fromfile(os.path.join(tiny_data["data_dir"], "train.bin"), dtype=np.uint16).tolist()
