@@ -3,6 +3,7 @@
     python bench.py                           # the default Shapes World sizes: ~1 min on 2 idle CPU cores, ~4 busy
     python bench.py --batch_size=8 --dim=256  # any config key, as for pretrain.py
     python bench.py --preset=llama4_seed      # the seed's sizes (on CUDA; far too big for a CPU)
+    python bench.py --rows=cuda --profile     # only row 5, then a torch.profiler table of its largest batch
 
 It prints one line naming the machine and one markdown table, row by row, ready to paste into the README:
 
@@ -20,6 +21,7 @@ and reports the median of each side; the ratio is the median of the per-pair rat
 largest in brackets - a wide bracket means the machine was busy. Rows 1-4 run in fp32 on the config's device
 (on a GPU these small models are bound by kernel launches, so their targets are CPU targets); row 5 in bf16.
 """
+import gc
 import os
 import platform
 import statistics
@@ -42,6 +44,7 @@ MID_SIZE = dict(dim=256, n_layers=8, n_heads=8, n_kv_heads=4, ffn_hidden=512, mo
 NEW_TOKENS = 64          # generated per measurement (row 3)
 TEXT_PROMPT = 16         # prompt tokens of the text generation row
 IMAGE_GRID = 14          # 14 x 14 = 196 patch tokens, as ViT-B/16 gives at 224 px
+CUDA_BATCH_SIZES = (0, 32, 64)  # row 5: the preset's own batch (0), then batches that fill a big GPU
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -299,35 +302,65 @@ def phase2_row(config, device, repeats):
 # 5. CUDA: the seed model's throughput, MFU and memory
 # ----------------------------------------------------------------------------------------------------------
 
-def cuda_row(device, repeats):
+def cuda_rows(device, repeats, batch_sizes, profile=False):
     """MFU = tokens/s × FLOPs per token / the GPU's peak bf16 FLOP/s, with pretrain.flops_per_token's count:
     6 × N_active (the matmul parameters, embedding excluded) + attention, 12 × heads × head_dim per key a
-    query attends to."""
+    query attends to. One row per batch size: the preset's own (7 sequences, sized for the seed's small GPU)
+    and larger ones that fill a big GPU. With profile=True, a torch.profiler table of the last one follows."""
     figure = "llama4_seed training, bf16 autocast + torch.compile"
     formula = "MFU = tok/s × (6·N_active matmul params + Σ layers 12·heads·head_dim·(span+1)/2) / peak bf16"
     if device.type != "cuda":
-        return [figure, formula, "—", "—", "skipped: needs CUDA", "—"]
-    config = get_config("pretrain", ["--preset=llama4_seed"])
-    torch.manual_seed(0)
-    model = Transformer(config).to(device)
-    batch = random_batch(config, device, torch.Generator().manual_seed(0))
-    autocast = torch.autocast("cuda", dtype=autocast_dtype(config, device))
+        return [[figure, formula, "—", "—", "skipped: needs CUDA", "≥ 40% MFU"]]
+    rows = []
+    for batch_size in batch_sizes:
+        gc.collect()  # free the last batch size's model before measuring this one's peak memory
+        torch.cuda.empty_cache()
+        config = get_config("pretrain", ["--preset=llama4_seed"] + ([f"--batch_size={batch_size}"] if batch_size else []))
+        torch.compiler.reset()  # a fresh compile for each batch size, not one made dynamic by the last
+        torch.manual_seed(0)
+        model = Transformer(config).to(device)
+        batch = random_batch(config, device, torch.Generator().manual_seed(0))
+        autocast = torch.autocast("cuda", dtype=autocast_dtype(config, device))
 
-    def loss_of(compiled):
-        with autocast:
-            return our_loss(batch, config)(compiled)
+        def loss_of(compiled):
+            with autocast:
+                return our_loss(batch, config)(compiled)
 
-    step = training_step(torch.compile(model), make_optimizer(model, config, device), loss_of)
-    for _ in range(3):  # the first calls compile
-        step()
-    torch.cuda.reset_peak_memory_stats(device)
-    step_s = statistics.median(seconds(step, device) for _ in range(repeats))
-    tokens_per_s = batch["tokens"].numel() / step_s
-    peak = peak_flops(device)
-    mfu = f"MFU {100 * tokens_per_s * flops_per_token(config) / peak:.1f}%" if peak else "MFU: peak unknown"
-    memory = torch.cuda.max_memory_allocated(device) / 2**30
-    return [figure, f"{formula}; batch {config['batch_size']} × {config['context']}", f"{tokens_per_s:,.0f} tok/s",
-            "—", f"{mfu}, peak memory {memory:.1f} GiB", "—"]
+        step = training_step(torch.compile(model), make_optimizer(model, config, device), loss_of)
+        started = time.perf_counter()
+        for _ in range(3):  # the first calls compile
+            step()
+        torch.cuda.synchronize(device)
+        compile_s = time.perf_counter() - started
+        torch.cuda.reset_peak_memory_stats(device)
+        step_s = statistics.median(seconds(step, device) for _ in range(repeats))
+        tokens_per_s = batch["tokens"].numel() / step_s
+        peak = peak_flops(device)
+        mfu = tokens_per_s * flops_per_token(config) / peak if peak else None
+        memory = torch.cuda.max_memory_allocated(device) / 2**30
+        rows.append([figure, f"{formula}; batch {config['batch_size']} × {config['context']}",
+                     f"{tokens_per_s:,.0f} tok/s", "—",
+                     (f"MFU {100 * mfu:.1f}%" if mfu else "MFU: peak unknown") +
+                     f", step {1000 * step_s:.1f} ms, peak memory {memory:.1f} GiB, compile + warm-up {compile_s:.0f} s",
+                     f"≥ 40% MFU {'✓' if mfu and mfu >= 0.4 else '✗ missed'}"])
+        print_row(rows[-1])
+        if profile and batch_size == batch_sizes[-1]:
+            print_profile(step, device)
+    return rows
+
+
+def print_profile(step, device, steps=3):
+    """Where a step's GPU time goes: torch.profiler's table of the kernels and ops with the most self time
+    over a few steps, and how busy the GPU was (the sum of kernel times over the wall time)."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        wall = sum(seconds(step, device) for _ in range(steps))
+    events = prof.key_averages()
+    kernel_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    print(f"profile of {steps} steps: wall {1000 * wall / steps:.1f} ms per step, GPU kernels "
+          f"{kernel_us / 1000 / steps:.1f} ms per step ({100 * kernel_us / 1e6 / wall:.0f}% busy)", flush=True)
+    print(events.table(sort_by="self_device_time_total", row_limit=45, max_name_column_width=70), flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -338,8 +371,22 @@ def print_row(cells):
     print("| " + " | ".join(cells) + " |", flush=True)
 
 
+ROWS = ("training", "moe", "generation", "phase2", "cuda")
+
+
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # bench.py's own options; everything else is a config override as for pretrain.py.
+    rows, profile = set(ROWS), False
+    for arg in list(argv):
+        if arg.startswith("--rows="):
+            rows = set(arg.split("=", 1)[1].split(","))
+            if not rows <= set(ROWS):
+                raise ConfigError(f"--rows takes a comma-separated subset of {','.join(ROWS)}, got {arg}")
+            argv.remove(arg)
+        elif arg == "--profile":
+            profile = True
+            argv.remove(arg)
     config = get_config("pretrain", argv)
     align_config = get_config("align", argv)  # phase 2's own batch size and encoder
     _, _, device = setup_device(config)
@@ -349,14 +396,21 @@ def main(argv=None):
     print_row(["---"] * 4 + ["---:", "---"])
     mid = dict(config, **MID_SIZE)
     # Each row is printed as soon as it is measured, so a long run shows its progress.
-    print_row(training_row("preset", config, device, repeats=7))
-    print_row(training_row("mid size", mid, device, repeats=5))
-    print_row(moe_row("preset", config, device, repeats=11))
-    print_row(moe_row("mid size", mid, device, repeats=9))
-    for row in generation_rows(config, device, repeats=5):
-        print_row(row)
-    print_row(phase2_row(align_config, device, repeats=9))
-    print_row(cuda_row(device, repeats=10))
+    if "training" in rows:
+        print_row(training_row("preset", config, device, repeats=7))
+        print_row(training_row("mid size", mid, device, repeats=5))
+    if "moe" in rows:
+        print_row(moe_row("preset", config, device, repeats=11))
+        print_row(moe_row("mid size", mid, device, repeats=9))
+    if "generation" in rows:
+        for row in generation_rows(config, device, repeats=5):
+            print_row(row)
+    if "phase2" in rows:
+        print_row(phase2_row(align_config, device, repeats=9))
+    if "cuda" in rows:
+        results = cuda_rows(device, repeats=10, batch_sizes=CUDA_BATCH_SIZES, profile=profile)
+        if device.type != "cuda":
+            print_row(results[0])
     print(f"bench took {(time.perf_counter() - started) / 60:.1f} min", flush=True)
 
 

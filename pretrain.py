@@ -275,6 +275,25 @@ def grouped_matmul(x, weights, group_ends):
 eager_grouped_matmul = torch.compiler.disable(grouped_matmul)
 
 
+class PermuteRows(torch.autograd.Function):
+    """rows[order], for a permutation `order` whose inverse is `back`. Autograd would differentiate the gather
+    with a scatter-add (index_add), a slow kernel that serialises on a CPU and uses atomics on a GPU; the
+    gradient of a permutation is just the inverse permutation, another gather."""
+
+    @staticmethod
+    def forward(ctx, rows, order, back):
+        ctx.save_for_backward(back)
+        return rows.index_select(0, order)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (back,) = ctx.saved_tensors
+        return grad.index_select(0, back), None, None
+
+
+permute_rows = PermuteRows.apply
+
+
 class MoE(nn.Module):
     """Mixture of experts: a router picks top_k of n_experts SwiGLU networks for each token, and a shared
     expert sees every token. Parameters grow with n_experts, compute only with top_k: that is the point.
@@ -303,20 +322,21 @@ class MoE(nn.Module):
         top_logits, top_experts = logits.topk(self.top_k, dim=-1)       # (N, top_k) each
         gates = torch.sigmoid(top_logits.float()).type_as(x)
         slot_experts = top_experts.flatten()                            # (N * top_k,) expert of each slot
-        counts = torch.bincount(slot_experts, minlength=self.n_experts)
+        # Routed slots per expert. Not torch.bincount: its output size depends on the data, so on a GPU it
+        # waits for the device and under torch.compile it splits the graph; a scatter_add into n_experts does not.
+        counts = slot_experts.new_zeros(self.n_experts).scatter_add_(0, slot_experts, torch.ones_like(slot_experts))
         self.tokens_per_expert = counts.detach()
+        # Each token's top_k slots, its input scaled by each slot's gate: (N * top_k, dim); slot s is token s // top_k's.
+        slots = (x[:, None, :] * gates[:, :, None]).flatten(0, 1)
         if slot_experts.numel() < self.n_experts:  # a few tokens (decoding): run each slot on its own expert
-            routed_in = x.repeat_interleave(self.top_k, dim=0) * gates.flatten()[:, None]
-            routed_out = self.experts.for_slots(routed_in, slot_experts).view(-1, self.top_k, dim).sum(1)
-            out = self.shared_expert(x) + routed_out
-        else:
-            order = slot_experts.argsort(stable=True)                   # slots grouped by expert
-            slot_tokens = order // self.top_k                           # token of each sorted slot
-            # index_select rather than x[...]: its backward is an index_add, which is much faster on a CPU
-            # than advanced indexing's accumulating index_put (every token appears top_k times).
-            routed_in = x.index_select(0, slot_tokens) * gates.flatten().index_select(0, order)[:, None]
-            routed_out = self.experts(routed_in, counts.cumsum(0).to(torch.int32))
-            out = self.shared_expert(x).index_add(0, slot_tokens, routed_out)
+            routed_out = self.experts.for_slots(slots, slot_experts)
+        else:  # sort the slots by expert, run each expert once on its group, and unsort
+            order = slot_experts.argsort(stable=True)
+            back = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=x.device))  # inverse
+            routed_out = self.experts(permute_rows(slots, order, back), counts.cumsum(0).to(torch.int32))
+            routed_out = permute_rows(routed_out, back, order)
+        # Each token's output: the shared expert's plus the sum of its top_k routed experts'.
+        out = self.shared_expert(x) + routed_out.view(-1, self.top_k, dim).sum(1)
         if not self.training:  # the balancing loss only matters for training; generation skips its ops
             return out.view(B, T, dim), None
         slot_share = counts.float() / slot_experts.numel()             # f_i
