@@ -11,7 +11,7 @@ It prints one line naming the machine and one markdown table, row by row, ready 
      `Llama4ForCausalLM` holding the same config and weights (export_hf), at the preset's size and a mid size;
   2. one MoE layer against a dense SwiGLU with as many active parameters, forward + backward;
   3. generation with the KV cache against re-running the whole sequence for every new token, for text and
-     for a caption after 196 image tokens;
+     for captions after 196 image tokens, one image at a time and 16 at once;
   4. a phase-2 training step on cached encoder features against running the frozen encoder every step;
   5. on CUDA only: the seed model's training tokens/s, MFU and peak memory with bf16 autocast and torch.compile.
 
@@ -44,6 +44,7 @@ MID_SIZE = dict(dim=256, n_layers=8, n_heads=8, n_kv_heads=4, ffn_hidden=512, mo
 NEW_TOKENS = 64          # generated per measurement (row 3)
 TEXT_PROMPT = 16         # prompt tokens of the text generation row
 IMAGE_GRID = 14          # 14 x 14 = 196 patch tokens, as ViT-B/16 gives at 224 px
+CAPTION_BATCH = 16       # row 3: captions of this many images at once, besides one at a time
 CUDA_BATCH_SIZES = (0, 32, 64)  # row 5: the preset's own batch (0), then batches that fill a big GPU
 
 
@@ -246,26 +247,33 @@ def image_vlm(config, device):
 
 
 def generation_rows(config, device, repeats):
+    """Text at batch 1; captions at batch 1 (caption.py, one image) and at CAPTION_BATCH images at once (as
+    align.py's evaluation captions its held-out scenes)."""
     torch.manual_seed(0)
     vlm = image_vlm(config, device)
     llm = vlm.llm
     prompt = torch.randint(7, config["vocab_size"], (1, TEXT_PROMPT), device=device)  # ids past the specials
-    features = vlm.image_features(torch.randn(1, 3, vlm.vit.image_size, vlm.vit.image_size, device=device))
-    prefix = torch.tensor([[BOS_ID] + [IMAGE_ID] * vlm.n_image_tokens], device=device)
+    pixels = torch.randn(CAPTION_BATCH, 3, vlm.vit.image_size, vlm.vit.image_size, device=device)
+    features = vlm.image_features(pixels)
+    prefix = torch.tensor([[BOS_ID] + [IMAGE_ID] * vlm.n_image_tokens] * CAPTION_BATCH, device=device)
     # stop_ids=(): random weights may pick the end token early; every run must generate all NEW_TOKENS.
-    cases = [("text", f"a {TEXT_PROMPT}-token prompt",
+    cases = [("text", 1, f"a {TEXT_PROMPT}-token prompt",
               lambda: generate(llm, prompt, NEW_TOKENS, stop_ids=()),
-              lambda: generate_by_recompute(llm, llm.embed_tokens(prompt), NEW_TOKENS)),
-             ("caption", f"{vlm.n_image_tokens} image tokens",
-              lambda: caption_images(vlm, features, NEW_TOKENS, stop_ids=()),
-              lambda: generate_by_recompute(llm, vlm.embed(prefix, features), NEW_TOKENS))]
+              lambda: generate_by_recompute(llm, llm.embed_tokens(prompt), NEW_TOKENS))]
+    for batch in (1, CAPTION_BATCH):
+        cases.append(("caption", batch, f"{vlm.n_image_tokens} image tokens",
+                      lambda b=batch: caption_images(vlm, features[:b], NEW_TOKENS, stop_ids=()),
+                      lambda b=batch: generate_by_recompute(llm, vlm.embed(prefix[:b], features[:b]), NEW_TOKENS)))
     rows = []
-    for name, where, cached, recompute in cases:
+    for name, batch, where, cached, recompute in cases:
         cached_s, recompute_s, ratios = compare(cached, recompute, device, repeats)
         target = verdict(statistics.median(ratios), 10) if name == "caption" else "—"
-        setting = f"batch 1, {NEW_TOKENS} new tokens after {where}, dim {config['dim']}, {config['n_layers']} layers"
+        setting = (f"batch {batch}, {NEW_TOKENS} new tokens after {where}, dim {config['dim']}, "
+                   f"{config['n_layers']} layers")
         rows.append([f"generation tokens/s, {name}: KV cache vs full recompute", setting,
-                     f"{NEW_TOKENS / cached_s:,.0f}", f"{NEW_TOKENS / recompute_s:,.0f}", ratio_text(ratios), target])
+                     f"{batch * NEW_TOKENS / cached_s:,.0f}", f"{batch * NEW_TOKENS / recompute_s:,.0f}",
+                     ratio_text(ratios), target])
+        print_row(rows[-1])
     return rows
 
 
@@ -403,8 +411,7 @@ def main(argv=None):
         print_row(moe_row("preset", config, device, repeats=11))
         print_row(moe_row("mid size", mid, device, repeats=9))
     if "generation" in rows:
-        for row in generation_rows(config, device, repeats=5):
-            print_row(row)
+        generation_rows(config, device, repeats=5)
     if "phase2" in rows:
         print_row(phase2_row(align_config, device, repeats=9))
     if "cuda" in rows:

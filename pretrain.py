@@ -126,22 +126,24 @@ def rms_normalize(x, eps):
 
 
 def rope_angles(head_dim, max_len, theta):
-    """cos and sin of the rotation angle of each position and each pair of dimensions: pair i turns by
-    pos * theta^(-2i / head_dim), fast for the first pairs and slow for the last."""
+    """The rotation of each position, laid out to match the interleaved pairs (dims 2i, 2i+1) of a head:
+    pair i turns by pos * theta^(-2i / head_dim), fast for the first pairs and slow for the last.
+    Returns cos (max_len, head_dim) = [c0, c0, c1, c1, ...] and sin = [-s0, s0, -s1, s1, ...]."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (max_len, head_dim / 2)
-    return torch.cos(angles), torch.sin(angles)
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    return cos.repeat_interleave(2, dim=-1), torch.stack((-sin, sin), dim=-1).flatten(-2)
 
 
 def apply_rope(x, cos, sin):
-    """Rotary position embedding on *interleaved* pairs (dims 2i, 2i+1), as Meta's Llama code does it with
-    complex numbers. Rotating q and k by their positions makes q·k depend only on the distance between them.
-    x: (B, T, heads, head_dim); cos, sin: (T, head_dim / 2)."""
-    pairs = x.float().unflatten(-1, (-1, 2))                       # (B, T, heads, head_dim / 2, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]                    # broadcast over heads
-    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    """Rotary position embedding on *interleaved* pairs (x0, x1) = dims (2i, 2i+1), as Meta's Llama code does
+    it with complex numbers: (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin). Rotating q and k by their
+    positions makes q·k depend only on the distance between them. Written as x * cos + swap(x) * sin, where
+    swap exchanges the two dims of every pair: four whole-tensor ops, in fp32.
+    x: (B, T, heads, head_dim); cos, sin: (T, head_dim) from rope_angles."""
+    x32 = x.float()
+    swapped = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)      # (x1, x0) in every pair
+    return (x32 * cos[:, None, :] + swapped * sin[:, None, :]).type_as(x)  # cos, sin broadcast over heads
 
 
 def head_dim_of(config):
@@ -545,8 +547,9 @@ def make_optimizer(model, config, device, lr_scale=None):
             scale = lr_scale(name) if lr_scale else 1.0
             groups.setdefault((decay, scale), []).append(param)
     param_groups = [dict(params=p, weight_decay=d, lr_scale=s) for (d, s), p in groups.items()]
+    # fused: one kernel updates every parameter (CUDA and CPU), instead of a Python loop over parameters.
     return torch.optim.AdamW(param_groups, lr=config["lr"], betas=(config["beta1"], config["beta2"]),
-                             fused=device.type == "cuda")
+                             fused=device.type in ("cuda", "cpu"))
 
 
 def lr_at(step, config):
