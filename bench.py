@@ -323,7 +323,8 @@ def cuda_rows(device, repeats, batch_sizes, profile=False):
     for batch_size in batch_sizes:
         gc.collect()  # free the last batch size's model before measuring this one's peak memory
         torch.cuda.empty_cache()
-        config = get_config("pretrain", ["--preset=llama4_seed"] + ([f"--batch_size={batch_size}"] if batch_size else []))
+        batch_arg = [f"--batch_size={batch_size}"] if batch_size else []  # 0: the preset's own
+        config = get_config("pretrain", ["--preset=llama4_seed"] + batch_arg)
         torch.compiler.reset()  # a fresh compile for each batch size, not one made dynamic by the last
         torch.manual_seed(0)
         model = Transformer(config).to(device)
@@ -348,8 +349,8 @@ def cuda_rows(device, repeats, batch_sizes, profile=False):
         memory = torch.cuda.max_memory_allocated(device) / 2**30
         rows.append([figure, f"{formula}; batch {config['batch_size']} × {config['context']}",
                      f"{tokens_per_s:,.0f} tok/s", "—",
-                     (f"MFU {100 * mfu:.1f}%" if mfu else "MFU: peak unknown") +
-                     f", step {1000 * step_s:.1f} ms, peak memory {memory:.1f} GiB, compile + warm-up {compile_s:.0f} s",
+                     (f"MFU {100 * mfu:.1f}%" if mfu else "MFU: peak unknown") + f", step {1000 * step_s:.1f} ms, "
+                     f"peak memory {memory:.1f} GiB, compile + warm-up {compile_s:.0f} s",
                      f"≥ 40% MFU {'✓' if mfu and mfu >= 0.4 else '✗ missed'}"])
         print_row(rows[-1])
         if profile and batch_size == batch_sizes[-1]:

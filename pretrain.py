@@ -325,10 +325,13 @@ class MoE(nn.Module):
         gates = torch.sigmoid(top_logits.float()).type_as(x)
         slot_experts = top_experts.flatten()                            # (N * top_k,) expert of each slot
         # Routed slots per expert. Not torch.bincount: its output size depends on the data, so on a GPU it
-        # waits for the device and under torch.compile it splits the graph; a scatter_add into n_experts does not.
-        counts = slot_experts.new_zeros(self.n_experts).scatter_add_(0, slot_experts, torch.ones_like(slot_experts))
+        # waits for the device and under torch.compile it splits the graph; scatter_add into n_experts bins
+        # does not.
+        ones = torch.ones_like(slot_experts)
+        counts = slot_experts.new_zeros(self.n_experts).scatter_add_(0, slot_experts, ones)
         self.tokens_per_expert = counts.detach()
-        # Each token's top_k slots, its input scaled by each slot's gate: (N * top_k, dim); slot s is token s // top_k's.
+        # Each token's top_k slots, its input scaled by each slot's gate: (N * top_k, dim); slot s is token
+        # s // top_k's.
         slots = (x[:, None, :] * gates[:, :, None]).flatten(0, 1)
         if slot_experts.numel() < self.n_experts:  # a few tokens (decoding): run each slot on its own expert
             routed_out = self.experts.for_slots(slots, slot_experts)
