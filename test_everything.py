@@ -123,9 +123,10 @@ def test_moe_matches_per_token_loop(batch, length):
     moe = MoE(TINY)
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.3)
-    x = torch.randn(batch, length, TINY["dim"])
+    x = torch.randn(batch, length, TINY["dim"], requires_grad=True)
     got, _ = moe(x)
     swiglu = lambda h, e: (F.silu(h @ moe.experts.gate_proj[e]) * (h @ moe.experts.up_proj[e])) @ moe.experts.down_proj[e]
+    expected = []
     for b in range(batch):
         for t in range(length):
             token = x[b, t]
@@ -134,7 +135,17 @@ def test_moe_matches_per_token_loop(batch, length):
             for e in logits.topk(TINY["top_k"]).indices.tolist():
                 expect = expect + swiglu(token * torch.sigmoid(logits[e]), e)  # the gate scales the input
             torch.testing.assert_close(got[b, t], expect, atol=1e-5, rtol=1e-4)
+            expected.append(expect)
     assert moe.tokens_per_expert.sum().item() == batch * length * TINY["top_k"]  # only routed pairs were computed
+    # Gradients too: the sorted path has its own backward (PermuteRows), the loop plain autograd.
+    weights = torch.randn(batch * length, TINY["dim"])
+    inputs = [x, *moe.parameters()]
+    got_grads = torch.autograd.grad((got.reshape(-1, TINY["dim"]) * weights).sum(), inputs, allow_unused=True)
+    loop_grads = torch.autograd.grad((torch.stack(expected) * weights).sum(), inputs, allow_unused=True)
+    for name, a, b in zip(["x"] + [n for n, _ in moe.named_parameters()], got_grads, loop_grads):
+        if b is None:  # experts no token chose
+            b = torch.zeros_like(a) if a is not None else None
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3, msg=name)
 
 
 def test_aux_loss_hand_example():
