@@ -318,7 +318,8 @@ def cuda_rows(device, repeats, batch_sizes, profile=False):
     figure = "llama4_seed training, bf16 autocast + torch.compile"
     formula = "MFU = tok/s × (6·N_active matmul params + Σ layers 12·heads·head_dim·(span+1)/2) / peak bf16"
     if device.type != "cuda":
-        return [[figure, formula, "—", "—", "skipped: needs CUDA", "≥ 40% MFU"]]
+        print_row([figure, formula, "—", "—", "skipped: needs CUDA", "≥ 40% MFU"])
+        return []
     rows = []
     for batch_size in batch_sizes:
         gc.collect()  # free the last batch size's model before measuring this one's peak memory
@@ -416,9 +417,7 @@ def main(argv=None):
     if "phase2" in rows:
         print_row(phase2_row(align_config, device, repeats=9))
     if "cuda" in rows:
-        results = cuda_rows(device, repeats=10, batch_sizes=CUDA_BATCH_SIZES, profile=profile)
-        if device.type != "cuda":
-            print_row(results[0])
+        cuda_rows(device, repeats=10, batch_sizes=CUDA_BATCH_SIZES, profile=profile)
     print(f"bench took {(time.perf_counter() - started) / 60:.1f} min", flush=True)
 
 
