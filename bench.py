@@ -247,7 +247,7 @@ def image_vlm(config, device):
 
 
 def generation_rows(config, device, repeats):
-    """Text at batch 1; captions at batch 1 (caption.py, one image) and at CAPTION_BATCH images at once (as
+    """Prints a row each, as measured: text at batch 1; captions at batch 1 (caption.py, one image) and at CAPTION_BATCH images at once (as
     align.py's evaluation captions its held-out scenes)."""
     torch.manual_seed(0)
     vlm = image_vlm(config, device)
@@ -264,17 +264,14 @@ def generation_rows(config, device, repeats):
         cases.append(("caption", batch, f"{vlm.n_image_tokens} image tokens",
                       lambda b=batch: caption_images(vlm, features[:b], NEW_TOKENS, stop_ids=()),
                       lambda b=batch: generate_by_recompute(llm, vlm.embed(prefix[:b], features[:b]), NEW_TOKENS)))
-    rows = []
     for name, batch, where, cached, recompute in cases:
         cached_s, recompute_s, ratios = compare(cached, recompute, device, repeats)
         target = verdict(statistics.median(ratios), 10) if name == "caption" else "—"
         setting = (f"batch {batch}, {NEW_TOKENS} new tokens after {where}, dim {config['dim']}, "
                    f"{config['n_layers']} layers")
-        rows.append([f"generation tokens/s, {name}: KV cache vs full recompute", setting,
-                     f"{batch * NEW_TOKENS / cached_s:,.0f}", f"{batch * NEW_TOKENS / recompute_s:,.0f}",
-                     ratio_text(ratios), target])
-        print_row(rows[-1])
-    return rows
+        print_row([f"generation tokens/s, {name}: KV cache vs full recompute", setting,
+                   f"{batch * NEW_TOKENS / cached_s:,.0f}", f"{batch * NEW_TOKENS / recompute_s:,.0f}",
+                   ratio_text(ratios), target])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -313,14 +310,13 @@ def phase2_row(config, device, repeats):
 def cuda_rows(device, repeats, batch_sizes, profile=False):
     """MFU = tokens/s × FLOPs per token / the GPU's peak bf16 FLOP/s, with pretrain.flops_per_token's count:
     6 × N_active (the matmul parameters, embedding excluded) + attention, 12 × heads × head_dim per key a
-    query attends to. One row per batch size: the preset's own (7 sequences, sized for the seed's small GPU)
+    query attends to. Prints one row per batch size as it is measured: the preset's own (7 sequences, sized for the seed's small GPU)
     and larger ones that fill a big GPU. With profile=True, a torch.profiler table of the last one follows."""
     figure = "llama4_seed training, bf16 autocast + torch.compile"
     formula = "MFU = tok/s × (6·N_active matmul params + Σ layers 12·heads·head_dim·(span+1)/2) / peak bf16"
     if device.type != "cuda":
         print_row([figure, formula, "—", "—", "skipped: needs CUDA", "≥ 40% MFU"])
-        return []
-    rows = []
+        return
     for batch_size in batch_sizes:
         gc.collect()  # free the last batch size's model before measuring this one's peak memory
         torch.cuda.empty_cache()
@@ -348,15 +344,13 @@ def cuda_rows(device, repeats, batch_sizes, profile=False):
         peak = peak_flops(device)
         mfu = tokens_per_s * flops_per_token(config) / peak if peak else None
         memory = torch.cuda.max_memory_allocated(device) / 2**30
-        rows.append([figure, f"{formula}; batch {config['batch_size']} × {config['context']}",
-                     f"{tokens_per_s:,.0f} tok/s", "—",
-                     (f"MFU {100 * mfu:.1f}%" if mfu else "MFU: peak unknown") + f", step {1000 * step_s:.1f} ms, "
-                     f"peak memory {memory:.1f} GiB, compile + warm-up {compile_s:.0f} s",
-                     f"≥ 40% MFU {'✓' if mfu and mfu >= 0.4 else '✗ missed'}"])
-        print_row(rows[-1])
+        print_row([figure, f"{formula}; batch {config['batch_size']} × {config['context']}",
+                   f"{tokens_per_s:,.0f} tok/s", "—",
+                   (f"MFU {100 * mfu:.1f}%" if mfu else "MFU: peak unknown") + f", step {1000 * step_s:.1f} ms, "
+                   f"peak memory {memory:.1f} GiB, compile + warm-up {compile_s:.0f} s",
+                   f"≥ 40% MFU {'✓' if mfu and mfu >= 0.4 else '✗ missed'}"])
         if profile and batch_size == batch_sizes[-1]:
             print_profile(step, device)
-    return rows
 
 
 def print_profile(step, device, steps=3):
