@@ -10,11 +10,11 @@ Every value on the command line is checked against the type of its default.
 import sys
 
 CONFIG = dict(
-    # --- the language model (DESIGN §3; these defaults are the tiny Shapes World model) ---
+    # --- the language model (README: How the model works; these defaults are the tiny Shapes World model) ---
     vocab_size=512,         # tokenizer and embedding size; special tokens sit at fixed ids 0..6
     dim=128,                # width of the residual stream
     n_layers=4,
-    n_heads=4,              # query heads; head_dim = dim // n_heads
+    n_heads=4,              # query heads
     n_kv_heads=2,           # key/value heads shared by groups of query heads (GQA)
     head_dim=0,             # width of each head; 0 means dim // n_heads
     ffn_hidden=256,         # hidden size of the dense SwiGLU layers
@@ -29,7 +29,7 @@ CONFIG = dict(
     attn_scale=0.1,         # NoPE-layer query temperature: 1 + attn_scale * log(floor((pos+1)/floor_scale) + 1)
     floor_scale=8192,
     context=256,            # tokens per training window (and the longest prompt + answer)
-    # --- text data (DESIGN §4) ---
+    # --- text data (README: Tokenizer and data) ---
     text_source="shapes",   # "shapes", "hf" (hf_dataset below), or local .txt/.jsonl/.parquet files, comma-separated
     data_dir="data/shapes",  # where tokenizer.json, train.bin, val.bin, meta.json live (prepared if missing)
     hf_dataset="HuggingFaceTB/smollm-corpus",
@@ -37,7 +37,7 @@ CONFIG = dict(
     text_column="text",
     max_tokens=5_000_000,   # stop preparing text after this many training tokens
     shapes_docs=60_000,     # Shapes World training documents to generate
-    # --- the training loop (DESIGN §8) ---
+    # --- the training loop (README: The training loop) ---
     batch_size=16,          # sequences per micro-batch (per process)
     grad_accum_steps=1,     # micro-batches per optimizer step
     max_iters=1000,         # optimizer steps
@@ -59,7 +59,7 @@ CONFIG = dict(
     seed=1337,
     out_dir="",             # "" means out/<phase>
     resume=False,           # continue from <out_dir>/ckpt.pt
-    # --- phase 2: vision-language alignment (DESIGN §6) ---
+    # --- phase 2: vision-language alignment (README: Phase 2) ---
     llm_ckpt="out/pretrain/ckpt.pt",  # the phase-1 checkpoint whose LLM is frozen and extended
     vision_model="shapes_vit",  # "shapes_vit" (a small torchvision ViT for 64 px Shapes World) or "vit_b_16"
     vision_weights="shapes",    # "shapes" (train the stand-in, cached), "IMAGENET1K_V1", a .pth path, or "none"
@@ -76,7 +76,7 @@ CONFIG = dict(
     epochs=0,                   # if > 0, max_iters = epochs over the training captions
     encoder_steps=600,          # Shapes World: steps of the stand-in "ImageNet pretraining" of the encoder
     encoder_lr=2e-3,
-    # --- phase 3: visual instruction tuning (DESIGN §7) ---
+    # --- phase 3: visual instruction tuning (README: Phase 3) ---
     align_ckpt="out/align/ckpt.pt",   # the phase-2 checkpoint to start from
     instruct_source="shapes",   # "shapes" (Shapes World Q&A) or a LLaVA-format JSON file
     image_folder="",            # the images a LLaVA-format JSON names (e.g. COCO train2017)
@@ -94,7 +94,7 @@ CONFIG = dict(
 PRESETS = {
     # Shapes World on a laptop CPU: a few minutes per phase.
     "shapes": {},
-    # The seed project's recipe (DESIGN §1, §3): 223,795,968 parameters, 138,861,312 active per token.
+    # The seed project's recipe (README: The full recipe): 223,795,968 parameters, 138,861,312 active per token.
     "llama4_seed": dict(
         vocab_size=32_000, dim=768, n_layers=12, n_heads=12, n_kv_heads=4, ffn_hidden=2048, moe_hidden=1024,
         attn_chunk=512, context=1024, text_source="hf", data_dir="data/cosmopedia", max_tokens=200_000_000,
@@ -126,6 +126,10 @@ class ConfigError(ValueError):
     """A bad preset, key or value on the command line."""
 
 
+# Keys whose value must be one of a few names.
+CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16")}
+
+
 def _parse_value(key, text, default):
     """Convert a command-line string to the type of the key's default."""
     if isinstance(default, bool):
@@ -144,6 +148,8 @@ def _parse_value(key, text, default):
             return float(text)
         except ValueError:
             raise ConfigError(f"--{key} expects a number, got {text!r}") from None
+    if key in CHOICES and text not in CHOICES[key]:
+        raise ConfigError(f"--{key} expects one of {', '.join(CHOICES[key])}, got {text!r}")
     return text
 
 

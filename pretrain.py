@@ -250,11 +250,12 @@ class Experts(nn.Module):
     def forward(self, x, group_ends):
         """x: (routed tokens, dim), sorted by expert; rows group_ends[e-1]:group_ends[e] belong to expert e.
         F.grouped_mm multiplies each group by its own expert's matrix in one call: no Python loop over
-        experts and no host sync, so it runs as one kernel on the GPU and compiles into one graph."""
+        experts and no host sync, so it runs as one kernel on the GPU and, in bf16, stays inside the graph
+        that torch.compile builds."""
         # Autocast does not cover grouped_mm, so cast as it would for a matmul (bf16 under bf16 autocast).
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        # torch.compile lowers grouped_mm for bf16 only; in other dtypes it runs eagerly inside the graph.
+        # torch.compile lowers grouped_mm for bf16 only; in other dtypes the call breaks the graph and runs eagerly.
         grouped = grouped_matmul if dtype == torch.bfloat16 else eager_grouped_matmul
         matmul = lambda a, w: grouped(a.to(dtype), w.to(dtype), group_ends)
         return matmul(F.silu(matmul(x, self.gate_proj)) * matmul(x, self.up_proj), self.down_proj)
@@ -522,7 +523,14 @@ def setup_device(config):
     name = config["device"]
     if name == "auto":
         name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device={name} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device={name}, but torch sees no CUDA GPU; use --device=cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not torch.distributed.is_initialized():
@@ -644,7 +652,8 @@ def train(config, model, batches, evaluate_extra=None, lr_scale=None, checkpoint
     """The hand-written training loop shared by every phase.
 
     model(**batch) must return (logits, loss, aux_loss or None); batches gives .next("train"), .eval_batches(),
-    .state_dict(). evaluate_extra(model) may add metrics (e.g. caption accuracy) to each evaluation.
+    .state_dict() and .load_state_dict(). evaluate_extra(model) may add metrics (e.g. caption accuracy) to
+    each evaluation.
     Returns the list of (step, training loss) pairs, for tests.
     """
     rank, world, device = setup_device(config)
@@ -661,7 +670,13 @@ def train(config, model, batches, evaluate_extra=None, lr_scale=None, checkpoint
         state = load_checkpoint(ckpt_path, make_it="the same command without --resume=True")
         load_model_state(raw_model, state["model"], ckpt_path)
         optimizer.load_state_dict(state["optimizer"])
-        batches.load_state_dict(state["batches"])
+        data_states = state["batches"]  # a list with one state per rank: each rank draws its own data
+        data_states = data_states if isinstance(data_states, list) else [data_states]  # older checkpoints
+        if len(data_states) == world:
+            batches.load_state_dict(data_states[rank])
+        elif master:
+            print(f"note: {ckpt_path} was saved by {len(data_states)} process(es), this run has {world}: "
+                  f"every rank restarts its data order from its seed", flush=True)
         torch.set_rng_state(state["rng"])
         step, best_val = state["step"], state["best_val_loss"]
         if master:
@@ -674,10 +689,10 @@ def train(config, model, batches, evaluate_extra=None, lr_scale=None, checkpoint
     mfu_denominator = peak_flops(device)
     flops = flops_per_token(raw_model.config) if mfu_denominator else 0
 
-    def checkpoint(val_loss):
+    def checkpoint(val_loss, data_states):
         state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), config=config, step=step,
                      best_val_loss=best_val, val_loss=val_loss, rng=torch.get_rng_state(),
-                     batches=batches.state_dict(), **(checkpoint_extra or {}))
+                     batches=data_states, **(checkpoint_extra or {}))
         save_checkpoint(ckpt_path, state)
 
     def run_eval():
@@ -688,12 +703,17 @@ def train(config, model, batches, evaluate_extra=None, lr_scale=None, checkpoint
                                 f"({ckpt_path}) is kept. Try a lower --lr.")
         best_val = min(best_val, val_loss)
         extra = evaluate_extra(raw_model) if evaluate_extra else {}
+        # Rank 0 writes the checkpoint, but every rank's data order must be in it for a resume to continue.
+        data_states = [batches.state_dict()]
+        if world > 1:
+            data_states = [None] * world
+            torch.distributed.all_gather_object(data_states, batches.state_dict())
         if master:
             usage = f" | experts min/max share {shares.min():.3f}/{shares.max():.3f}" if shares is not None else ""
             metrics = "".join(f" | {k} {v:.3f}" for k, v in extra.items())
             print(f"eval step {step}: val loss {val_loss:.4f} | perplexity {math.exp(min(val_loss, 50)):.2f}"
                   f"{usage}{metrics}", flush=True)
-            checkpoint(val_loss)
+            checkpoint(val_loss, data_states)
 
     raw_model.train()
     start_step, t0, started, processed = step, time.time(), time.time(), 0
@@ -733,9 +753,10 @@ def train(config, model, batches, evaluate_extra=None, lr_scale=None, checkpoint
             aux = f" | aux {aux_loss.item():.3f}" if aux_loss is not None else ""
             unit = "tok/s" if "tokens" in batch else "samples/s"
             line = f"step {step:>6} | loss {loss_value:.4f}{aux} | lr {lr:.2e} | {speed:,.0f} {unit}"
-            if mfu_denominator:
-                line += (f" | MFU {100 * speed * flops / mfu_denominator:.1f}% | "
-                         f"mem {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+            if mfu_denominator:  # only for GPUs whose peak FLOP/s peak_flops knows
+                line += f" | MFU {100 * speed * flops / mfu_denominator:.1f}%"
+            if device.type == "cuda":
+                line += f" | mem {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
             print(line, flush=True)
         if config["max_seconds"] and time.time() - started > config["max_seconds"]:
             if master:

@@ -274,9 +274,13 @@ def test_config_overrides_are_typed():
     cfg = config_module.get_config("pretrain", ["--max_iters=7", "--lr", "0.5", "--compile", "--device=cpu"])
     assert (cfg["max_iters"], cfg["lr"], cfg["compile"], cfg["device"]) == (7, 0.5, True, "cpu")
     assert config_module.get_config("pretrain", ["--preset=llama4_seed"])["dim"] == 768
-    for bad in (["--nope=1"], ["--max_iters=abc"], ["--compile=maybe"], ["--preset=huge"], ["stray"]):
+    for bad in (["--nope=1"], ["--max_iters=abc"], ["--compile=maybe"], ["--preset=huge"], ["stray"],
+                ["--dtype=bf16"]):
         with pytest.raises(config_module.ConfigError):
             config_module.get_config("pretrain", bad)
+    for bad in ["gpu", "cuda:x"] + ([] if torch.cuda.is_available() else ["cuda"]):
+        with pytest.raises(config_module.ConfigError):
+            pretrain.setup_device(dict(device=bad))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -370,6 +374,14 @@ def _ddp_worker(rank, tmp, port):
     grads = gradients_at_step(lambda: train_once(tmp, [halves[rank]]))
     if rank == 0:
         torch.save(grads, os.path.join(tmp, "ddp_grads.pt"))
+    # Resume for one more step: each rank must continue from its own data position (1 for rank 0; rank 1
+    # starts at 10, so the ranks' states differ), not from rank 0's.
+    batches = FixedBatches([halves[rank]])
+    batches.position = 10 * rank
+    pretrain.train(loop_config(tmp, max_iters=1), tiny_model(), batches)  # writes the checkpoint at step 1
+    resumed = FixedBatches([halves[rank]])
+    pretrain.train(loop_config(tmp, max_iters=2, resume=True), tiny_model(), resumed)
+    torch.save(resumed.position, os.path.join(tmp, f"position{rank}.pt"))
     torch.distributed.destroy_process_group()
 
 
@@ -380,6 +392,8 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     ddp = torch.load(tmp_path / "ddp_grads.pt", weights_only=True)
     for name, grad in single.items():
         torch.testing.assert_close(ddp[name], grad, atol=1e-7, rtol=1e-4, msg=name)
+    positions = [torch.load(tmp_path / f"position{rank}.pt") for rank in (0, 1)]
+    assert positions == [2, 12]  # each rank's saved position + the one step after resuming
 
 
 class Killed(Exception):
