@@ -195,7 +195,7 @@ def training_row(name, config, device, repeats):
 def moe_row(name, config, device, repeats):
     """A token meets top_k routed experts and the shared expert, each of moe_hidden units, so the dense layer
     with as many active parameters has (top_k + 1) * moe_hidden. The MoE's extra cost is the routing: the
-    router, sorting the slots by expert, gathering and scattering the tokens."""
+    router, counting the slots per expert, and permuting them into expert order and back."""
     torch.manual_seed(0)
     moe = MoE(config).to(device)
     hidden = (config["top_k"] + 1) * config["moe_hidden"]
@@ -246,9 +246,28 @@ def image_vlm(config, device):
     return VLM(llm, build_vision_transformer(vision), vision).to(device).eval().requires_grad_(False)
 
 
+def aten_calls(fn):
+    """How many ATen operators fn() dispatches (counted by a TorchDispatchMode that passes every call on)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.calls
+
+
 def generation_rows(config, device, repeats):
-    """Prints a row each, as measured: text at batch 1; captions at batch 1 (caption.py, one image) and at CAPTION_BATCH images at once (as
-    align.py's evaluation captions its held-out scenes)."""
+    """Prints a row each, as measured: text at batch 1; captions at batch 1 (caption.py, one image) and at
+    CAPTION_BATCH images at once (as align.py's evaluation captions its held-out scenes). Each row also counts
+    the ATen operators that one decoding step dispatches, and the mean time per call that the cached side's
+    speed implies: a small model on a CPU spends a few microseconds on each call whatever its size, so at
+    batch 1 the count, not the arithmetic, sets the speed."""
     torch.manual_seed(0)
     vlm = image_vlm(config, device)
     llm = vlm.llm
@@ -258,17 +277,19 @@ def generation_rows(config, device, repeats):
     prefix = torch.tensor([[BOS_ID] + [IMAGE_ID] * vlm.n_image_tokens] * CAPTION_BATCH, device=device)
     # stop_ids=(): random weights may pick the end token early; every run must generate all NEW_TOKENS.
     cases = [("text", 1, f"a {TEXT_PROMPT}-token prompt",
-              lambda: generate(llm, prompt, NEW_TOKENS, stop_ids=()),
+              lambda new=NEW_TOKENS: generate(llm, prompt, new, stop_ids=()),
               lambda: generate_by_recompute(llm, llm.embed_tokens(prompt), NEW_TOKENS))]
     for batch in (1, CAPTION_BATCH):
         cases.append(("caption", batch, f"{vlm.n_image_tokens} image tokens",
-                      lambda b=batch: caption_images(vlm, features[:b], NEW_TOKENS, stop_ids=()),
+                      lambda new=NEW_TOKENS, b=batch: caption_images(vlm, features[:b], new, stop_ids=()),
                       lambda b=batch: generate_by_recompute(llm, vlm.embed(prefix[:b], features[:b]), NEW_TOKENS)))
     for name, batch, where, cached, recompute in cases:
         cached_s, recompute_s, ratios = compare(cached, recompute, device, repeats)
         target = verdict(statistics.median(ratios), 10) if name == "caption" else "—"
+        calls = aten_calls(cached) - aten_calls(lambda: cached(NEW_TOKENS - 1))
         setting = (f"batch {batch}, {NEW_TOKENS} new tokens after {where}, dim {config['dim']}, "
-                   f"{config['n_layers']} layers")
+                   f"{config['n_layers']} layers; a decoding step is {calls} ATen calls, "
+                   f"≈ {1e6 * cached_s / NEW_TOKENS / calls:.1f} µs each")
         print_row([f"generation tokens/s, {name}: KV cache vs full recompute", setting,
                    f"{batch * NEW_TOKENS / cached_s:,.0f}", f"{batch * NEW_TOKENS / recompute_s:,.0f}",
                    ratio_text(ratios), target])
@@ -310,8 +331,9 @@ def phase2_row(config, device, repeats):
 def cuda_rows(device, repeats, batch_sizes, profile=False):
     """MFU = tokens/s × FLOPs per token / the GPU's peak bf16 FLOP/s, with pretrain.flops_per_token's count:
     6 × N_active (the matmul parameters, embedding excluded) + attention, 12 × heads × head_dim per key a
-    query attends to. Prints one row per batch size as it is measured: the preset's own (7 sequences, sized for the seed's small GPU)
-    and larger ones that fill a big GPU. With profile=True, a torch.profiler table of the last one follows."""
+    query attends to. Prints one row per batch size as it is measured: the preset's own (7 sequences, sized
+    for the seed's small GPU) and larger ones that fill a big GPU. With profile=True, a torch.profiler table
+    of the last one follows."""
     figure = "llama4_seed training, bf16 autocast + torch.compile"
     formula = "MFU = tok/s × (6·N_active matmul params + Σ layers 12·heads·head_dim·(span+1)/2) / peak bf16"
     if device.type != "cuda":

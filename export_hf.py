@@ -10,7 +10,7 @@ Then, with `pip install -r requirements-test.txt` (transformers is only needed t
     ids = tokenizer("a red", return_tensors="pt").input_ids           # <|begin_of_text|> a red, as sample.py
     print(tokenizer.decode(model.generate(ids, max_new_tokens=40)[0], skip_special_tokens=True))
 
-Our model follows the semantics of transformers' Llama4TextModel exactly (DESIGN §3), so exporting is only
+Our model follows the semantics of transformers' Llama4TextModel exactly, so exporting is only
 renaming: the weights keep their values and their orientation, and the one change of layout is that
 transformers stores each expert's gate and up projections side by side in one tensor. The exported folder:
 

@@ -1,4 +1,4 @@
-"""Image–caption pairs for phase 2 (DESIGN §6), from one of three sources:
+"""Image–caption pairs for phase 2, from one of three sources:
 
     shapes            Shapes World scenes rendered on the fly (the default; no network)
     hf                a Hugging Face dataset in COCO-captions form (default `jxie/coco_captions`: columns

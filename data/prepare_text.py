@@ -1,4 +1,4 @@
-"""Text preparation: train the byte-level BPE tokenizer and write the token streams (DESIGN §4).
+"""Text preparation: train the byte-level BPE tokenizer and write the token streams.
 
     python -m data.prepare_text                                       # Shapes World -> data/shapes/
     python -m data.prepare_text --text_source=hf --data_dir=data/cosmopedia --vocab_size=32000
@@ -151,8 +151,8 @@ def unigram_loss(out, vocab_size):
 
 
 def read_documents(config):
-    """(train, val) document lists for the configured source. Hub text is read only up to roughly
-    max_tokens (about 4 characters per token) so that streaming stops early."""
+    """(train, val) document lists for the configured source. Hub and local text are read only up to
+    roughly max_tokens (4.5 characters per token) so that streaming stops early."""
     source = config["text_source"]
     if source == "shapes":
         return shapes_documents(config)
