@@ -123,7 +123,9 @@ def load_vision_weights(vit, config, device):
     if name == "IMAGENET1K_V1":
         state = imagenet_weights()
     elif name == "shapes":
-        path = os.path.join("out", "align", f"shapes_vit_{config['image_size']}px.pt")
+        # Named by every setting that changes the encoder, so that changing one trains a new encoder.
+        path = os.path.join("out", "align", f"shapes_vit_{config['image_size']}px_{config['encoder_steps']}steps_"
+                                            f"lr{config['encoder_lr']:g}_seed{config['seed']}.pt")
         if not os.path.exists(path):
             pretrain_shapes_encoder(config, device, path)
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -196,6 +198,7 @@ class PatchClassifier(nn.Module):
         # stay at 99-100 %).
         self.weights = (4.0, 1.0, 1.0, 1.0)
         self.head = nn.Linear(vit.hidden_dim, sum(self.sizes))
+        vit.heads.requires_grad_(False)  # torchvision's ImageNet head: unused (and DDP wants a gradient for all)
 
     def forward(self, images, labels):
         logits = self.head(patch_tokens(self.vit, images)).split(self.sizes, dim=-1)  # 4 x (B, patches, n)
@@ -250,18 +253,26 @@ def patch_accuracy(classifier, batches):
 
 
 def pretrain_shapes_encoder(config, device, path):
-    """Train the small encoder on Shapes World attributes with the shared training loop; save it to path."""
-    print(f"training the Shapes World vision encoder (the stand-in for ImageNet pretraining) -> {path}", flush=True)
+    """Train the small encoder on Shapes World attributes with the shared training loop; save it to path.
+    Under torchrun every rank trains (data-parallel, each on its own batches) and rank 0 saves."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if rank == 0:
+        print(f"training the Shapes World vision encoder (the stand-in for ImageNet pretraining) -> {path}",
+              flush=True)
     torch.manual_seed(config["seed"])
     classifier = PatchClassifier(build_vision_transformer(config))
+    # All steps always (max_seconds=0): a cut-short encoder would be cached and reused by every later run.
     encoder_config = dict(config, lr=config["encoder_lr"], min_lr=config["encoder_lr"] / 10, batch_size=64,
                           max_iters=config["encoder_steps"], warmup_iters=50, eval_interval=config["encoder_steps"],
-                          log_interval=100, grad_accum_steps=1, resume=False, compile=False,
+                          log_interval=100, grad_accum_steps=1, resume=False, compile=False, max_seconds=0.0,
                           out_dir=os.path.join(os.path.dirname(path), "shapes_vit_training"))
-    batches = ImageBatches(encoder_config, device)
+    batches = ImageBatches(encoder_config, device, rank)
     train(encoder_config, classifier, batches, evaluate_extra=lambda m: patch_accuracy(m, batches))
-    torch.save(classifier.vit.cpu().state_dict(), path + ".tmp")
-    os.replace(path + ".tmp", path)
+    if rank == 0:
+        torch.save(classifier.vit.cpu().state_dict(), path + ".tmp")
+        os.replace(path + ".tmp", path)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # the other ranks read the file once rank 0 has written it
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -299,10 +310,16 @@ class VLM(nn.Module):
         super().__init__()
         self.llm, self.vit = llm, vit
         self.vision_layer, self.shuffle = config["vision_layer"], config["pixel_shuffle"]
+        if not -len(vit.encoder.layers) <= self.vision_layer <= -1:
+            raise ConfigError(f"--vision_layer={self.vision_layer}: use -1 (after the final norm) down to "
+                              f"-{len(vit.encoder.layers)} (the first block's output)")
         grid = vit.image_size // vit.patch_size
         if grid % self.shuffle:
             raise ConfigError(f"--pixel_shuffle={self.shuffle} must divide the {grid} x {grid} patch grid")
         self.n_image_tokens = (grid // self.shuffle) ** 2
+        if self.n_image_tokens + 3 > llm.config["context"]:  # <|begin_of_text|>, the image, a token, the end
+            raise ConfigError(f"an image is {self.n_image_tokens} tokens, too many for the LLM's context of "
+                              f"{llm.config['context']}; raise --pixel_shuffle or lower --image_size")
         self.projector = Projector(vit.hidden_dim * self.shuffle ** 2, config["projector_hidden"],
                                    llm.config["dim"])
         self.config = llm.config  # the LLM's sizes, for generation and FLOP counting
@@ -386,6 +403,8 @@ def compute_features(vlm, images, transform, path, device, source, batch_size=64
         with open(stamp) as f:
             if json.load(f).get("fingerprint") == fingerprint.hexdigest():
                 return np.load(path, mmap_mode="r")
+    if os.path.exists(stamp):
+        os.remove(stamp)  # stale: a run cut short while rewriting the features must not look complete
     with torch.no_grad():
         first = vlm.image_features(transform(images[0]())[None].to(device))
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -419,8 +438,9 @@ class CaptionBatches:
     def cached_features(self, vlm, data, split, config, device, rank):
         """The split's features from the cache; rank 0 writes it while the other DDP ranks wait, then read it."""
         path = os.path.join(config["out_dir"], f"features_{split}.npy")
-        source = " ".join(str(config[k]) for k in ("caption_source", "instruct_source", "image_size", "seed",
-                                                   "train_images", "eval_images"))
+        source = " ".join(str(config[k]) for k in ("caption_source", "caption_dataset", "instruct_source",
+                                                   "image_folder", "image_size", "seed", "train_images",
+                                                   "eval_images"))
         if rank == 0:
             print(f"caching {split} image features -> {path}", flush=True)
             compute_features(vlm, data.images, self.transform, path, device, source)

@@ -12,7 +12,7 @@ import torch
 
 from align import caption_images, image_transform, open_image, vlm_from_checkpoint
 from config import ConfigError, get_config
-from data.prepare_text import DataError
+from data.prepare_text import SPECIAL_TOKENS, DataError
 from pretrain import TrainingError, setup_device
 
 
@@ -22,6 +22,8 @@ def main(argv=None):
         raise ConfigError('name an image: python caption.py IMAGE [--prompt "a question"]')
     _, _, device = setup_device(config)
     question = config["prompt"].strip()
+    if any(token in question for token in SPECIAL_TOKENS):
+        raise ConfigError("the prompt contains a special token (<|...|>); ask in plain text")
     default, make_it = ("out/instruct/ckpt.pt", "python instruct.py") if question else ("out/align/ckpt.pt",
                                                                                           "python align.py")
     vlm, tokenizer, state = vlm_from_checkpoint(config["ckpt"] or default, make_it, device)

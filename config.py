@@ -187,6 +187,8 @@ def get_config(phase, argv=None):
     config.update(phase_presets)
     config.update(PRESETS[preset].get(phase, {}))
     config.update(overrides)
+    if config["temperature"] < 0 or config["top_k_sampling"] < 0 or not 0 < config["top_p"] <= 1:
+        raise ConfigError("sampling needs --temperature >= 0, --top_k_sampling >= 0 and 0 < --top_p <= 1")
     config["preset"] = preset
     config["out_dir"] = config["out_dir"] or f"out/{phase}"
     return config

@@ -88,6 +88,8 @@ def check_record(record, image_folder):
     turns = record.get("conversations") or []
     if not turns:
         raise DataError("empty conversation")
+    if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
+        raise DataError('every turn must be {"from": ..., "value": "text"}')
     speakers = [turn.get("from") for turn in turns]
     if len(turns) % 2 or any(s != ("human" if i % 2 == 0 else "gpt") for i, s in enumerate(speakers)):
         raise DataError(f"turns must alternate human, gpt, ... (got {', '.join(map(str, speakers))})")
@@ -143,8 +145,17 @@ class ConversationBatches(CaptionBatches):
             data = shapes_conversations(split, n, config["seed"], config["image_size"])
         else:
             data = llava_conversations(config, split)
-        context = vlm.config["context"]
-        return data, [render_conversation(turns, tokenizer, vlm.n_image_tokens, context) for _, turns in data.pairs]
+        kept, sequences = [], []
+        for pair in data.pairs:
+            try:
+                sequences.append(render_conversation(pair[1], tokenizer, vlm.n_image_tokens, vlm.config["context"]))
+                kept.append(pair)
+            except DataError as problem:  # the question before the image is too long: skip it, loudly
+                print(f"skipping a {split} conversation ({problem}): {pair[1][0][0][:60]!r}...", flush=True)
+        if not kept:
+            raise DataError(f"no {split} conversation of {data.name} fits in the LLM's context")
+        data.pairs[:] = kept
+        return data, sequences
 
 
 # ----------------------------------------------------------------------------------------------------------

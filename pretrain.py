@@ -441,6 +441,9 @@ def model_from_checkpoint(path, make_it="python pretrain.py", device="cpu"):
     state = load_checkpoint(path, make_it)
     if "tokenizer" not in state or "config" not in state:
         raise TrainingError(f"{path} is not a phase-1 checkpoint (no config or tokenizer); recreate it with: {make_it}")
+    if "llm_config" in state:
+        raise TrainingError(f"{path} is a phase-2/3 (vision-language) checkpoint; this needs a phase-1 one, "
+                            f"made by: {make_it}")
     model = Transformer(state["config"])
     load_model_state(model, state["model"], path)
     return model.to(device).eval(), load_tokenizer(state["tokenizer"]), state
@@ -669,7 +672,14 @@ def train(config, model, batches, evaluate_extra=None, lr_scale=None, checkpoint
     if config["resume"]:
         state = load_checkpoint(ckpt_path, make_it="the same command without --resume=True")
         load_model_state(raw_model, state["model"], ckpt_path)
-        optimizer.load_state_dict(state["optimizer"])
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except ValueError as error:  # another number or size of parameter groups
+            raise TrainingError(f"{ckpt_path}'s optimizer state does not fit this run ({error}); resume with "
+                                f"the settings it was trained with (e.g. --weight_decay, --projector_lr_scale)") from None
+        for group, setting in zip(optimizer.param_groups, settings):
+            group.update(setting)  # this run's weight decay, betas and lr scale, not the saved ones
         data_states = state["batches"]  # a list with one state per rank: each rank draws its own data
         data_states = data_states if isinstance(data_states, list) else [data_states]  # older checkpoints
         if len(data_states) == world:

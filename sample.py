@@ -8,7 +8,7 @@ import sys
 import torch
 
 from config import ConfigError, get_config
-from data.prepare_text import BOS_ID
+from data.prepare_text import BOS_ID, SPECIAL_TOKENS
 from pretrain import TrainingError, encode, generate, model_from_checkpoint, setup_device
 
 
@@ -16,6 +16,8 @@ def complete(model, tokenizer, prompt, config, generator=None):
     """The prompt's continuation as text. Raises ValueError for a prompt the model cannot take."""
     if not prompt.strip():
         raise ValueError('the prompt is empty; pass one, e.g. --prompt="a red"')
+    if any(token in prompt for token in SPECIAL_TOKENS):
+        raise ValueError("the prompt contains a special token (<|...|>); write plain text")
     ids = [BOS_ID] + encode(tokenizer, prompt)
     context = model.config["context"]
     if len(ids) >= context:

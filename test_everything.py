@@ -20,7 +20,7 @@ import config as config_module
 import export_hf
 import instruct
 import pretrain
-from config import CONFIG
+from config import CONFIG, ConfigError
 from data import shapes_world
 from data.prepare_text import (ASSISTANT_ID, BOS_ID, EOS_ID, EOT_ID, IMAGE_ID, PAD_ID, SPECIAL_TOKENS, USER_ID,
                                DataError, prepare, train_tokenizer)
@@ -275,7 +275,7 @@ def test_config_overrides_are_typed():
     assert (cfg["max_iters"], cfg["lr"], cfg["compile"], cfg["device"]) == (7, 0.5, True, "cpu")
     assert config_module.get_config("pretrain", ["--preset=llama4_seed"])["dim"] == 768
     for bad in (["--nope=1"], ["--max_iters=abc"], ["--compile=maybe"], ["--preset=huge"], ["stray"],
-                ["--dtype=bf16"]):
+                ["--dtype=bf16"], ["--top_p=0"], ["--top_k_sampling=-1"], ["--temperature=-1"]):
         with pytest.raises(config_module.ConfigError):
             config_module.get_config("pretrain", bad)
     for bad in ["gpu", "cuda:x"] + ([] if torch.cuda.is_available() else ["cuda"]):
@@ -430,6 +430,17 @@ def test_resume_continues_the_same_loss_curve(tiny_data, tmp_path):
     assert [l for _, l in resumed] == pytest.approx([l for _, l in whole[4:]], rel=1e-5)
 
 
+def test_resume_takes_this_runs_optimizer_settings_or_fails_cleanly(tmp_path):
+    batches = lambda: FixedBatches([random_batch(0, 4)])
+    pretrain.train(loop_config(tmp_path, weight_decay=0.1), tiny_model(), batches())
+    pretrain.train(loop_config(tmp_path, max_iters=2, weight_decay=0.05, beta2=0.99, resume=True), tiny_model(),
+                   batches())
+    groups = torch.load(tmp_path / "ckpt.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert {(g["weight_decay"], tuple(g["betas"])) for g in groups} == {(0.05, (0.9, 0.99)), (0.0, (0.9, 0.99))}
+    with pytest.raises(pretrain.TrainingError, match="--weight_decay"):  # one parameter group instead of two
+        pretrain.train(loop_config(tmp_path, max_iters=3, weight_decay=0.0, resume=True), tiny_model(), batches())
+
+
 def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
     pretrain.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
@@ -499,6 +510,7 @@ def test_sample_cli_and_its_bad_input(tiny_ckpt, tmp_path):
     assert ok.returncode == 0 and ok.stdout.startswith("a red"), ok.stderr
     assert_clean_error(run("sample.py", f"--ckpt={tmp_path / 'none.pt'}", "--prompt=a"), "python pretrain.py")
     assert_clean_error(run("sample.py", f"--ckpt={ckpt}", "--prompt="), "prompt is empty")
+    assert_clean_error(run("sample.py", f"--ckpt={ckpt}", "--prompt=a <|image|>"), "special token")
     assert_clean_error(run("sample.py", f"--ckpt={ckpt}", "--prompt=" + "red " * 100), "context is 64")
     assert_clean_error(run("sample.py", "--colour=red"), "unknown config key --colour")
     assert_clean_error(run("sample.py", "--max_new_tokens=many"), "expects an integer")
@@ -680,6 +692,27 @@ def tiny_vlm(seed=0):
     return vlm.eval()
 
 
+def test_encoder_pretraining_gives_every_trainable_parameter_a_gradient():
+    """DDP (torchrun) stops with an error when a trainable parameter gets no gradient; torchvision's unused
+    ImageNet head used to be one."""
+    classifier = align.PatchClassifier(align.build_vision_transformer(dict(TINY, **VISION)))
+    scenes = shapes_world.make_scenes("train", 2, seed=0)
+    transform = align.image_transform(dict(TINY, **VISION))
+    images = torch.stack([transform(shapes_world.render(s, 32)) for s in scenes])
+    labels = torch.tensor([align.patch_labels(s, 4) for s in scenes])
+    classifier(images, labels)[1].backward()
+    assert all(p.grad is not None for p in classifier.parameters() if p.requires_grad)
+
+
+def test_vlm_rejects_a_vision_layer_or_image_size_that_cannot_work():
+    vit = align.build_vision_transformer(dict(TINY, **VISION))
+    for layer in (0, 1, -len(vit.encoder.layers) - 1):
+        with pytest.raises(ConfigError, match="vision_layer"):
+            align.VLM(tiny_model(context=64), vit, dict(TINY, **dict(VISION, vision_layer=layer)))
+    with pytest.raises(ConfigError, match="too many for the LLM's context of 16"):
+        align.VLM(tiny_model(context=16), vit, dict(TINY, **dict(VISION, pixel_shuffle=1)))  # 16 image tokens
+
+
 def test_pixel_shuffle_is_a_pure_permutation():
     x = torch.arange(2 * 16 * 3).float().view(2, 16, 3)  # a 4 x 4 grid of 3-channel tokens
     y = align.pixel_shuffle(x, 2)
@@ -746,6 +779,20 @@ def test_cached_features_give_the_loss_of_features_computed_on_the_fly(tmp_path)
     assert "features" in a and "images" in b
     with torch.no_grad():
         torch.testing.assert_close(vlm(**a)[1], vlm(**b)[1], atol=2e-3, rtol=1e-3)  # float16 cache
+
+
+def test_feature_cache_cut_short_while_rewriting_is_not_reused(tmp_path):
+    vlm, path = tiny_vlm(), str(tmp_path / "features.npy")
+    transform = align.image_transform(dict(TINY, **VISION))
+    images = [lambda s=s: shapes_world.render(s, 32) for s in shapes_world.make_scenes("train", 4, seed=0)]
+    first = np.array(align.compute_features(vlm, images, transform, path, torch.device("cpu"), "A"))
+
+    def dies():
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):  # source B: the rewrite dies after its first image
+        align.compute_features(vlm, images[:1] + [dies] * 3, transform, path, torch.device("cpu"), "B")
+    again = align.compute_features(vlm, images, transform, path, torch.device("cpu"), "A")
+    np.testing.assert_array_equal(np.array(again), first)  # recomputed, not the half-written file
 
 
 def greedy_by_full_recompute(vlm, prefix, features, steps):
@@ -865,7 +912,11 @@ def write_llava(tmp_path, n_good=6):
     records += [dict(id="no_image", image="missing.png", conversations=[human, gpt]),
                 dict(id="two_markers", image="img0.png", conversations=[{"from": "human", "value": "<image><image>"}, gpt]),
                 dict(id="empty", image="img0.png", conversations=[]),
-                dict(id="order", image="img0.png", conversations=[gpt, human])]
+                dict(id="order", image="img0.png", conversations=[gpt, human]),
+                dict(id="null", image="img0.png", conversations=[human, {"from": "gpt", "value": None}]),
+                dict(id="strings", image="img0.png", conversations=["<image> hi", "hello"]),
+                dict(id="long", image="img0.png", conversations=[  # the image lands past the 64-token context
+                    {"from": "human", "value": "what is this? " * 40 + "<image>"}, gpt])]
     path = tmp_path / "llava.json"
     path.write_text(json.dumps(records))
     return path
@@ -881,9 +932,11 @@ def test_llava_json_skips_bad_records_loudly_and_trains_one_step(tmp_path, capsy
     batches = instruct.ConversationBatches(vlm, tokenizer_for_tests(), cfg, torch.device("cpu"))
     out = capsys.readouterr().out
     for name, reason in [("no_image", "image not found"), ("two_markers", "exactly one <image>"),
-                         ("empty", "empty conversation"), ("order", "alternate human, gpt")]:
+                         ("empty", "empty conversation"), ("order", "alternate human, gpt"),
+                         ("null", "every turn must be"), ("strings", "every turn must be")]:
         assert any(f"(id {name})" in line and reason in line for line in out.splitlines()), (name, out)
-    assert "skipped 4 of 64 records" in out
+    assert "skipped 6 of 67 records" in out
+    assert "skipping a train conversation (the image does not fit in the context): 'what is this?" in out
     assert (len(batches.sets["train"].pairs), len(batches.sets["val"].pairs)) == (59, 1)
     grads = gradients_at_step(lambda: (pretrain.train(cfg, vlm, batches, lr_scale=lambda n: 3.0 if
                                                       n.startswith("projector.") else 1.0), vlm)[1])
@@ -958,6 +1011,9 @@ def test_caption_cli_and_its_bad_input(tiny_vlm_ckpts, tmp_path):
     assert_clean_error(run("caption.py", str(tmp_path / "scene.png"), f"--ckpt={instruct_ckpt}",
                            "--prompt=" + "how many shapes " * 40), "context is 64")
     assert_clean_error(run("caption.py"), "name an image")
+    assert_clean_error(run("caption.py", str(tmp_path / "scene.png"), f"--ckpt={instruct_ckpt}",
+                           "--prompt=what is <|image|>?"), "special token")
+    assert_clean_error(run("sample.py", f"--ckpt={align_ckpt}", "--prompt=a"), "phase-2/3")
 
 
 def test_any_pillow_image_mode_is_captioned(tiny_vlm_ckpts, tmp_path):

@@ -52,9 +52,18 @@ def _from_dataset(dataset, caption_column, key_column, keep, name):
         pairs.append((key, text))
     chosen = [key for j, key in enumerate(first_row) if keep(j)]
     index = {key: i for i, key in enumerate(chosen)}
-    images = [lambda row=first_row[key]: dataset[row]["image"] for key in chosen]
+    images = [lambda row=first_row[key]: _decode(dataset, row, name) for key in chosen]
     pairs = [(index[key], text) for key, text in pairs if key in index and text]
     return CaptionSet(images, pairs, name=name)
+
+
+def _decode(dataset, row, name):
+    """The image of one row, or a DataError naming the row whose file cannot be decoded."""
+    try:
+        return dataset[row]["image"]
+    except (OSError, SyntaxError, ValueError) as error:  # Pillow's UnidentifiedImageError is an OSError
+        raise DataError(f"the image of row {row} of {name} cannot be decoded "
+                        f"({type(error).__name__}: {str(error)[:100]})") from None
 
 
 def _load(loader, what, hint):
