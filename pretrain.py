@@ -676,8 +676,9 @@ def train(config, model, batches, evaluate_extra=None, lr_scale=None, checkpoint
         try:
             optimizer.load_state_dict(state["optimizer"])
         except ValueError as error:  # another number or size of parameter groups
-            raise TrainingError(f"{ckpt_path}'s optimizer state does not fit this run ({error}); resume with "
-                                f"the settings it was trained with (e.g. --weight_decay, --projector_lr_scale)") from None
+            raise TrainingError(f"{ckpt_path}'s optimizer state does not fit this run ({error}); resume "
+                                f"with the settings it was trained with (e.g. --weight_decay, "
+                                f"--projector_lr_scale)") from None
         for group, setting in zip(optimizer.param_groups, settings):
             group.update(setting)  # this run's weight decay, betas and lr scale, not the saved ones
         data_states = state["batches"]  # a list with one state per rank: each rank draws its own data
