@@ -117,7 +117,7 @@ def llava_conversations(config, split):
         raise DataError(f"{source} is not JSON ({error})") from None
     if not isinstance(records, list):
         raise DataError(f"{source} must hold a JSON list of conversation records")
-    images, pairs, skipped, kept = [], [], 0, 0
+    images, pairs, skipped, kept, image_index = [], [], 0, 0, {}
     for number, record in enumerate(records):
         try:
             path, turns = check_record(record if isinstance(record, dict) else {}, folder)
@@ -129,8 +129,10 @@ def llava_conversations(config, split):
             continue
         kept += 1
         if (kept % 50 == 0) == (split == "val"):
-            pairs.append((len(images), turns))
-            images.append(lambda path=path: open_image(path))
+            if path not in image_index:  # LLaVA has several conversations per image: encode each image once
+                image_index[path] = len(images)
+                images.append(lambda path=path: open_image(path))
+            pairs.append((image_index[path], turns))
     if split == "train" and skipped:
         print(f"skipped {skipped} of {len(records)} records of {source}", flush=True)
     return CaptionSet(images, pairs, name=f"{source} {split}")

@@ -689,6 +689,8 @@ def train(config, model, batches, evaluate_extra=None, lr_scale=None, checkpoint
             print(f"note: {ckpt_path} was saved by {len(data_states)} process(es), this run has {world}: "
                   f"every rank restarts its data order from its seed", flush=True)
         torch.set_rng_state(state["rng"])
+        if state.get("scaler"):  # fp16's loss scale, as it had adapted
+            scaler.load_state_dict(state["scaler"])
         step, best_val = state["step"], state["best_val_loss"]
         if master:
             print(f"resumed from {ckpt_path} at step {step}", flush=True)
@@ -703,7 +705,7 @@ def train(config, model, batches, evaluate_extra=None, lr_scale=None, checkpoint
     def checkpoint(val_loss, data_states):
         state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), config=config, step=step,
                      best_val_loss=best_val, val_loss=val_loss, rng=torch.get_rng_state(),
-                     batches=data_states, **(checkpoint_extra or {}))
+                     scaler=scaler.state_dict(), batches=data_states, **(checkpoint_extra or {}))
         save_checkpoint(ckpt_path, state)
 
     def run_eval():

@@ -441,6 +441,16 @@ def test_resume_takes_this_runs_optimizer_settings_or_fails_cleanly(tmp_path):
         pretrain.train(loop_config(tmp_path, max_iters=3, weight_decay=0.0, resume=True), tiny_model(), batches())
 
 
+def test_resume_keeps_the_fp16_loss_scale(tmp_path):
+    batches = lambda: FixedBatches([random_batch(0, 4)])
+    pretrain.train(loop_config(tmp_path, dtype="float16"), tiny_model(), batches())
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    state["scaler"]["scale"] = 1024.0  # as if it had backed off from 65536 after overflows
+    torch.save(state, tmp_path / "ckpt.pt")
+    pretrain.train(loop_config(tmp_path, dtype="float16", max_iters=2, resume=True), tiny_model(), batches())
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["scaler"]["scale"] == 1024.0
+
+
 def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
     pretrain.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
@@ -916,7 +926,8 @@ def write_llava(tmp_path, n_good=6):
                 dict(id="null", image="img0.png", conversations=[human, {"from": "gpt", "value": None}]),
                 dict(id="strings", image="img0.png", conversations=["<image> hi", "hello"]),
                 dict(id="long", image="img0.png", conversations=[  # the image lands past the 64-token context
-                    {"from": "human", "value": "what is this? " * 40 + "<image>"}, gpt])]
+                    {"from": "human", "value": "what is this? " * 40 + "<image>"}, gpt]),
+                dict(id="again", image="img1.png", conversations=[human, gpt])]  # a second conversation on img1
     path = tmp_path / "llava.json"
     path.write_text(json.dumps(records))
     return path
@@ -935,9 +946,10 @@ def test_llava_json_skips_bad_records_loudly_and_trains_one_step(tmp_path, capsy
                          ("empty", "empty conversation"), ("order", "alternate human, gpt"),
                          ("null", "every turn must be"), ("strings", "every turn must be")]:
         assert any(f"(id {name})" in line and reason in line for line in out.splitlines()), (name, out)
-    assert "skipped 6 of 67 records" in out
+    assert "skipped 6 of 68 records" in out
     assert "skipping a train conversation (the image does not fit in the context): 'what is this?" in out
-    assert (len(batches.sets["train"].pairs), len(batches.sets["val"].pairs)) == (59, 1)
+    assert (len(batches.sets["train"].pairs), len(batches.sets["val"].pairs)) == (60, 1)
+    assert len(batches.sets["train"].images) == 59  # img1's two conversations share one encoded image
     grads = gradients_at_step(lambda: (pretrain.train(cfg, vlm, batches, lr_scale=lambda n: 3.0 if
                                                       n.startswith("projector.") else 1.0), vlm)[1])
     assert grads and all(not name.startswith("vit.") for name in grads)  # the encoder is not even optimized
