@@ -555,6 +555,8 @@ def main(argv=None):
         if saved.get("tokenizer") != tokenizer.to_str():
             raise TrainingError(f"{config['out_dir']}/ckpt.pt was trained on another phase-1 tokenizer than "
                                 f"{config['llm_ckpt']}; resume with the --llm_ckpt it was made from")
+        # The run's own encoder, before image features are cached from it (--vision_weights may differ now).
+        load_model_state(vlm, saved["model"], os.path.join(config["out_dir"], "ckpt.pt"))
     batches = CaptionBatches(vlm, tokenizer, config, device, rank)
     set_epochs(config, len(batches.sets["train"].pairs), world)
     if rank == 0:

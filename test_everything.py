@@ -988,6 +988,24 @@ def tiny_vlm_ckpts(tiny_ckpt, tmp_path_factory):
     return out / "align" / "ckpt.pt", out / "instruct" / "ckpt.pt", llm_ckpt
 
 
+def test_align_resume_caches_features_from_its_own_encoder(tiny_vlm_ckpts, tmp_path):
+    """A resumed run encodes its images with the encoder it was trained with, whatever --vision_weights says."""
+    import shutil
+    from data.captions import caption_set
+    align_ckpt, _, llm_ckpt = tiny_vlm_ckpts
+    run_dir = tmp_path / "align"
+    shutil.copytree(align_ckpt.parent, run_dir)
+    torch.save(align.build_vision_transformer(dict(CONFIG, **VISION)).state_dict(), tmp_path / "other.pth")
+    align.main([f"--llm_ckpt={llm_ckpt}", f"--vision_weights={tmp_path / 'other.pth'}", "--projector_hidden=32",
+                f"--out_dir={run_dir}", "--resume=True", "--image_size=32", "--max_iters=4", "--eval_interval=4",
+                "--eval_iters=1", "--batch_size=4", "--train_images=64", "--eval_images=8", "--device=cpu"])
+    vlm, _, state = align.vlm_from_checkpoint(str(run_dir / "ckpt.pt"))
+    image = caption_set(state["config"], "train").images[0]()
+    features = vlm.image_features(align.image_transform(state["config"])(image)[None])[0]
+    cached = torch.from_numpy(np.load(run_dir / "features_train.npy")[0].astype(np.float32))
+    torch.testing.assert_close(features, cached, atol=1e-2, rtol=1e-2)  # the cache is float16
+
+
 def huge_png(path, side=100_000):
     """A tiny file that claims to be a side x side PNG: a decompression bomb as far as a decoder knows."""
     import struct
