@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from config import ConfigError, get_config
-from data.prepare_text import BOS_ID, EOS_ID, EOT_ID, DataError, prepare
+from data.prepare_text import BOS_ID, EOS_ID, EOT_ID, DataError, data_settings, prepare
 
 
 class TrainingError(RuntimeError):
@@ -57,6 +57,13 @@ def ensure_text_data(config):
     if meta["vocab_size"] != config["vocab_size"]:
         raise DataError(f"{config['data_dir']} was prepared with vocab_size={meta['vocab_size']}, the config "
                         f"says {config['vocab_size']}; pass --vocab_size={meta['vocab_size']} or another --data_dir")
+    wanted = data_settings(config)
+    recorded = dict(meta.get("settings", {}), text_source=meta["source"])  # older folders record the source only
+    made = {key: recorded.get(key, value) for key, value in wanted.items()}
+    if made != wanted:
+        differ = ", ".join(f"{key}={made[key]} (now {wanted[key]})" for key in wanted if made[key] != wanted[key])
+        raise DataError(f"{config['data_dir']} was prepared with {differ}; pass another --data_dir, or delete "
+                        f"the folder to prepare it again")
     return meta
 
 

@@ -268,6 +268,24 @@ def test_local_files_prepare(tmp_path):
     tokenizer = pretrain.load_tokenizer(str(tmp_path / "out"))
     val = np.fromfile(tmp_path / "out" / "val.bin", dtype=np.uint16).tolist()
     assert tokenizer.decode(val, skip_special_tokens=True) == docs[49] + docs[99]
+    # The folder is reused only for the settings it was prepared with.
+    cfg = dict(config_module.CONFIG, text_source=source, vocab_size=300, data_dir=str(tmp_path / "out"))
+    assert pretrain.ensure_text_data(cfg)["train_documents"] == meta["train_documents"]
+    with pytest.raises(DataError, match="max_tokens=5000000 \\(now 700\\)"):
+        pretrain.ensure_text_data(dict(cfg, max_tokens=700))
+    with pytest.raises(DataError, match="text_source"):
+        pretrain.ensure_text_data(dict(cfg, text_source="shapes"))
+    # max_tokens cuts exactly; "<|image|>" written in a document is text, not the control token.
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": d + " <|image|>"}) for d in docs))
+    meta = prepare(dict(cfg, text_source=str(tmp_path / "d.jsonl"), max_tokens=700, data_dir=str(tmp_path / "d")))
+    train = np.fromfile(tmp_path / "d" / "train.bin", dtype=np.uint16)
+    assert meta["train_tokens"] == len(train) == 700 and IMAGE_ID not in train
+    for bad, phrase in [({"text": None}, "text field"), ({"body": "x"}, "text field")]:
+        (tmp_path / "bad.jsonl").write_text(json.dumps(bad))
+        with pytest.raises(DataError, match=phrase):
+            prepare(dict(cfg, text_source=str(tmp_path / "bad.jsonl"), data_dir=str(tmp_path / "bad")))
+    with pytest.raises(DataError, match="needs 263 to 65536 ids"):
+        prepare(dict(cfg, vocab_size=100, data_dir=str(tmp_path / "small")))
 
 
 def test_config_overrides_are_typed():

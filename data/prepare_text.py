@@ -97,13 +97,16 @@ def _read_file(path, column):
             text = f.read()
         yield from (doc.strip() for doc in text.split("\n\n") if doc.strip())
     elif path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", errors="replace") as f:
             for line_no, line in enumerate(f, 1):
                 if line.strip():
                     try:
-                        yield json.loads(line)[column]
+                        text = json.loads(line)[column]
                     except (json.JSONDecodeError, KeyError, TypeError):
-                        raise DataError(f"{path}:{line_no}: not a JSON object with a {column!r} field") from None
+                        text = None
+                    if not isinstance(text, str):
+                        raise DataError(f"{path}:{line_no}: not a JSON object with a {column!r} text field")
+                    yield text
     elif path.endswith(".parquet"):
         import pyarrow.parquet as pq
         table = pq.read_table(path)
@@ -126,17 +129,22 @@ def split_documents(documents, config):
 
 
 def write_tokens(path, documents, tokenizer, max_tokens=None):
-    """Encode documents as <|begin_of_text|> text <|end_of_text|> and append them to a uint16 file."""
+    """Encode documents as <|begin_of_text|> text <|end_of_text|> and append them to a uint16 file, up to
+    max_tokens tokens."""
     n_tokens = 0
+    tokenizer.encode_special_tokens = True  # "<|image|>" written in a document is text, not the control token
     with open(path + ".tmp", "wb") as f:
         for start in range(0, len(documents), 1000):
             batch = tokenizer.encode_batch(documents[start:start + 1000], add_special_tokens=False)
             ids = [[BOS_ID, *encoding.ids, EOS_ID] for encoding in batch]
             flat = np.fromiter((i for doc in ids for i in doc), dtype=np.uint16)
+            if max_tokens:
+                flat = flat[:max_tokens - n_tokens]
             flat.tofile(f)
             n_tokens += len(flat)
             if max_tokens and n_tokens >= max_tokens:
                 break
+    tokenizer.encode_special_tokens = False
     os.replace(path + ".tmp", path)
     return n_tokens
 
@@ -166,18 +174,30 @@ def read_documents(config):
     return split_documents(documents, config)
 
 
+def data_settings(config):
+    """The config entries that decide what a prepared folder holds."""
+    keys = ["text_source", "max_tokens", "seed"]
+    keys += ["shapes_docs"] if config["text_source"] == "shapes" else ["hf_dataset", "hf_config", "text_column"]
+    return {key: config[key] for key in keys}
+
+
 def prepare(config):
     """Prepare config["data_dir"] from config["text_source"]; returns the meta dict."""
     out = config["data_dir"]
+    if not 256 + len(SPECIAL_TOKENS) <= config["vocab_size"] <= 65536:  # every byte + the specials; uint16 ids
+        raise DataError(f"--vocab_size={config['vocab_size']}: a byte-level BPE tokenizer needs "
+                        f"{256 + len(SPECIAL_TOKENS)} to 65536 ids")
     train_docs, val_docs = read_documents(config)
     os.makedirs(out, exist_ok=True)
+    if os.path.exists(os.path.join(out, "meta.json")):
+        os.remove(os.path.join(out, "meta.json"))  # until the new one is written, the folder is unfinished
     print(f"preparing {out}: {len(train_docs):,} training and {len(val_docs):,} validation documents; "
           f"training a {config['vocab_size']:,}-token BPE tokenizer...", flush=True)
     tokenizer = train_tokenizer(train_docs[:200_000], config["vocab_size"])
     tokenizer.save(os.path.join(out, "tokenizer.json"))
     n_train = write_tokens(os.path.join(out, "train.bin"), train_docs, tokenizer, config["max_tokens"])
     n_val = write_tokens(os.path.join(out, "val.bin"), val_docs, tokenizer)
-    meta = dict(source=config["text_source"], vocab_size=config["vocab_size"],
+    meta = dict(source=config["text_source"], vocab_size=config["vocab_size"], settings=data_settings(config),
                 tokenizer_vocab=tokenizer.get_vocab_size(), train_tokens=n_train, val_tokens=n_val,
                 unigram_val_loss=unigram_loss(out, config["vocab_size"]),
                 train_documents=len(train_docs), val_documents=len(val_docs), special_tokens=SPECIAL_TOKENS)
