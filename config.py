@@ -153,9 +153,39 @@ def _parse_value(key, text, default):
     return text
 
 
+POSITIVE = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "moe_hidden", "n_experts", "top_k",
+            "moe_every", "nope_every", "context", "batch_size", "grad_accum_steps", "eval_interval", "eval_iters",
+            "log_interval", "pixel_shuffle", "image_size")
+
+
+def check(config):
+    """Values that would otherwise fail deep inside a run, as one ConfigError now."""
+    for key in POSITIVE:
+        if config[key] < 1:
+            raise ConfigError(f"--{key} must be at least 1, got {config[key]}")
+    head_dim = config["head_dim"] or config["dim"] // config["n_heads"]
+    if config["n_heads"] % config["n_kv_heads"]:
+        raise ConfigError(f"--n_heads={config['n_heads']} must be a multiple of --n_kv_heads={config['n_kv_heads']}")
+    if not config["head_dim"] and config["dim"] % config["n_heads"]:
+        raise ConfigError(f"--dim={config['dim']} must be a multiple of --n_heads={config['n_heads']} "
+                          f"(or set --head_dim)")
+    if head_dim % 2:
+        raise ConfigError(f"the head width {head_dim} must be even: RoPE rotates pairs of dimensions")
+    if config["top_k"] > config["n_experts"]:
+        raise ConfigError(f"--top_k={config['top_k']} is more than --n_experts={config['n_experts']}")
+    if config["temperature"] < 0 or config["top_k_sampling"] < 0 or not 0 < config["top_p"] <= 1:
+        raise ConfigError("sampling needs --temperature >= 0, --top_k_sampling >= 0 and 0 < --top_p <= 1")
+    if config["max_new_tokens"] < 0:
+        raise ConfigError(f"--max_new_tokens must be 0 or more, got {config['max_new_tokens']}")
+
+
 def get_config(phase, argv=None):
     """The config dict for `phase` ("pretrain", "align", ...) from the command line `argv`."""
     argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        main_doc = getattr(sys.modules.get("__main__"), "__doc__", None) or ""
+        print(f"{main_doc.strip()}\n\nEvery key of config.py's CONFIG is an option: --key=value.")
+        sys.exit(0)
     config = dict(CONFIG, **PHASE_DEFAULTS.get(phase, {}))
     overrides = {}
     preset = "shapes"
@@ -187,8 +217,7 @@ def get_config(phase, argv=None):
     config.update(phase_presets)
     config.update(PRESETS[preset].get(phase, {}))
     config.update(overrides)
-    if config["temperature"] < 0 or config["top_k_sampling"] < 0 or not 0 < config["top_p"] <= 1:
-        raise ConfigError("sampling needs --temperature >= 0, --top_k_sampling >= 0 and 0 < --top_p <= 1")
+    check(config)
     config["preset"] = preset
     config["out_dir"] = config["out_dir"] or f"out/{phase}"
     return config

@@ -492,7 +492,7 @@ def sample_next(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
     if top_p < 1.0:
         sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) > top_p        # keep the smallest set reaching top_p
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p       # keep the smallest set reaching top_p
         logits = logits.scatter(-1, sorted_ids, sorted_logits.masked_fill(drop, float("-inf")))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
@@ -773,15 +773,21 @@ def train(config, model, batches, evaluate_extra=None, lr_scale=None, checkpoint
             aux = f" | aux {aux_loss.item():.3f}" if aux_loss is not None else ""
             unit = "tok/s" if "tokens" in batch else "samples/s"
             line = f"step {step:>6} | loss {loss_value:.4f}{aux} | lr {lr:.2e} | {speed:,.0f} {unit}"
-            if mfu_denominator:  # only for GPUs whose peak FLOP/s peak_flops knows
-                line += f" | MFU {100 * speed * flops / mfu_denominator:.1f}%"
+            if mfu_denominator:  # only for GPUs whose peak FLOP/s peak_flops knows; speed is all GPUs'
+                line += f" | MFU {100 * speed * flops / (world * mfu_denominator):.1f}%"
             if device.type == "cuda":
                 line += f" | mem {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
             print(line, flush=True)
-        if config["max_seconds"] and time.time() - started > config["max_seconds"]:
-            if master:
-                print(f"stopping at step {step}: max_seconds={config['max_seconds']} reached", flush=True)
-            break
+        if config["max_seconds"]:
+            # Every rank must stop at the same step (or the others wait forever in the next all-reduce),
+            # so the ranks agree: stop when any rank's clock says so.
+            out_of_time = torch.tensor(float(time.time() - started > config["max_seconds"]), device=device)
+            if world > 1:
+                torch.distributed.all_reduce(out_of_time, op=torch.distributed.ReduceOp.MAX)
+            if out_of_time.item():
+                if master:
+                    print(f"stopping at step {step}: max_seconds={config['max_seconds']} reached", flush=True)
+                break
     if step > start_step or not os.path.exists(ckpt_path):
         run_eval()
     if world > 1:

@@ -9,6 +9,8 @@ import os
 import random
 import subprocess
 import sys
+import time
+import types
 
 import numpy as np
 import pytest
@@ -181,6 +183,17 @@ def test_generate_greedy_matches_argmax_loop():
     assert got == seq[6:]
 
 
+def test_top_k_and_top_p_keep_the_smallest_set_they_should():
+    logits = torch.tensor([[0.5, 0.25, 0.25, 0.0]]).log().expand(400, -1)  # probabilities .5 .25 .25 0
+    g = torch.Generator().manual_seed(0)
+    assert set(pretrain.sample_next(logits, 1.0, top_p=0.5, generator=g).tolist()) == {0}  # .5 reaches 0.5
+    kept = set(pretrain.sample_next(logits, 1.0, top_p=0.6, generator=g).tolist())  # .5 + one of the .25s
+    assert 0 in kept and len(kept) == 2
+    assert set(pretrain.sample_next(logits, 1.0, top_p=0.8, generator=g).tolist()) == {0, 1, 2}
+    assert set(pretrain.sample_next(logits, 1.0, top_k=1, generator=g).tolist()) == {0}
+    assert pretrain.sample_next(logits, 0.0).tolist() == [0] * 400
+
+
 def test_seed_parameter_count():
     seed = config_module.get_config("pretrain", ["--preset=llama4_seed"])
     with torch.device("meta"):
@@ -293,7 +306,9 @@ def test_config_overrides_are_typed():
     assert (cfg["max_iters"], cfg["lr"], cfg["compile"], cfg["device"]) == (7, 0.5, True, "cpu")
     assert config_module.get_config("pretrain", ["--preset=llama4_seed"])["dim"] == 768
     for bad in (["--nope=1"], ["--max_iters=abc"], ["--compile=maybe"], ["--preset=huge"], ["stray"],
-                ["--dtype=bf16"], ["--top_p=0"], ["--top_k_sampling=-1"], ["--temperature=-1"]):
+                ["--dtype=bf16"], ["--top_p=0"], ["--top_k_sampling=-1"], ["--temperature=-1"],
+                ["--eval_interval=0"], ["--grad_accum_steps=0"], ["--n_heads=3", "--n_kv_heads=2", "--dim=48"],
+                ["--top_k=9"], ["--head_dim=5"], ["--max_new_tokens=-1"]):
         with pytest.raises(config_module.ConfigError):
             config_module.get_config("pretrain", bad)
     for bad in ["gpu", "cuda:x"] + ([] if torch.cuda.is_available() else ["cuda"]):
@@ -400,18 +415,33 @@ def _ddp_worker(rank, tmp, port):
     resumed = FixedBatches([halves[rank]])
     pretrain.train(loop_config(tmp, max_iters=2, resume=True), tiny_model(), resumed)
     torch.save(resumed.position, os.path.join(tmp, f"position{rank}.pt"))
+    # max_seconds: rank 1's clock jumps 1000 s at every reading, so only rank 1 runs out of time; the ranks
+    # must still stop at the same step (a rank that stops alone leaves the other waiting in an all-reduce).
+    if rank == 1:
+        ticks = iter(range(10**6))
+        pretrain.time = types.SimpleNamespace(time=lambda: 1000.0 * next(ticks))
+    timed = FixedBatches([halves[rank]])
+    pretrain.train(loop_config(os.path.join(tmp, "timed"), max_iters=50, max_seconds=100.0), tiny_model(), timed)
+    torch.save(timed.position, os.path.join(tmp, f"timed{rank}.pt"))
     torch.distributed.destroy_process_group()
 
 
 def test_ddp_two_processes_match_one_process(tmp_path):
     port = 29500 + os.getpid() % 1000
-    torch.multiprocessing.spawn(_ddp_worker, args=(str(tmp_path), port), nprocs=2, join=True)
+    workers = torch.multiprocessing.spawn(_ddp_worker, args=(str(tmp_path), port), nprocs=2, join=False)
+    deadline = time.time() + 120
+    while not workers.join(timeout=5):  # a rank waiting for another that stopped would otherwise hang CI
+        if time.time() > deadline:
+            for process in workers.processes:
+                process.kill()
+            pytest.fail("the DDP workers hung: the ranks did not stop at the same step")
     single = gradients_at_step(lambda: train_once(tmp_path / "single", [random_batch(2, 4)]))
     ddp = torch.load(tmp_path / "ddp_grads.pt", weights_only=True)
     for name, grad in single.items():
         torch.testing.assert_close(ddp[name], grad, atol=1e-7, rtol=1e-4, msg=name)
     positions = [torch.load(tmp_path / f"position{rank}.pt") for rank in (0, 1)]
     assert positions == [2, 12]  # each rank's saved position + the one step after resuming
+    assert [torch.load(tmp_path / f"timed{rank}.pt") for rank in (0, 1)] == [1, 1]  # both stopped after step 1
 
 
 class Killed(Exception):
@@ -522,8 +552,8 @@ def assert_clean_error(result, *phrases):
 @pytest.fixture(scope="session")
 def tiny_ckpt(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("pretrain")
-    args = ["pretrain.py", f"--data_dir={tiny_data['data_dir']}", "--vocab_size=320", f"--out_dir={out}",
-            "--dim=32", "--n_layers=4", "--n_heads=4", "--n_kv_heads=2", "--ffn_hidden=48", "--moe_hidden=24",
+    args = ["pretrain.py", f"--data_dir={tiny_data['data_dir']}", "--vocab_size=320", "--shapes_docs=3000",
+            f"--out_dir={out}", "--dim=32", "--n_layers=4", "--n_heads=4", "--n_kv_heads=2", "--ffn_hidden=48", "--moe_hidden=24",
             "--context=64", "--attn_chunk=16", "--max_iters=30", "--eval_interval=30", "--eval_iters=2",
             "--warmup_iters=5", "--batch_size=8", "--device=cpu"]
     result = run(*args)
