@@ -175,8 +175,9 @@ def read_documents(config):
 
 
 def data_settings(config):
-    """The config entries that decide what a prepared folder holds."""
-    keys = ["text_source", "max_tokens", "seed"]
+    """The config entries that decide what a prepared folder holds. (Not the seed: Shapes World documents of
+    another seed are as good, and a training-seed sweep should not need a folder each.)"""
+    keys = ["text_source", "max_tokens"]
     keys += ["shapes_docs"] if config["text_source"] == "shapes" else ["hf_dataset", "hf_config", "text_column"]
     return {key: config[key] for key in keys}
 
