@@ -756,7 +756,11 @@ def train(config, model, batches, evaluate_extra=None, lr_scale=None, checkpoint
                     total = loss if aux_loss is None else loss + config["aux_loss_coef"] * aux_loss
                     total = total / config["grad_accum_steps"]
                 scaler.scale(total).backward()
-        loss_value = loss.item()
+        loss_value = loss.detach().float()
+        if world > 1:  # the mean over ranks: it is what gets logged, and a NaN on one rank stops every rank
+            torch.distributed.all_reduce(loss_value)
+            loss_value /= world
+        loss_value = loss_value.item()
         if not math.isfinite(loss_value):
             raise TrainingError(f"loss is {loss_value} at step {step}; stopped, and the last good checkpoint "
                                 f"({ckpt_path}) is kept. Try a lower --lr or --dtype=float32.")

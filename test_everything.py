@@ -423,6 +423,15 @@ def _ddp_worker(rank, tmp, port):
     timed = FixedBatches([halves[rank]])
     pretrain.train(loop_config(os.path.join(tmp, "timed"), max_iters=50, max_seconds=100.0), tiny_model(), timed)
     torch.save(timed.position, os.path.join(tmp, f"timed{rank}.pt"))
+    # A NaN loss on rank 1 alone must stop both ranks, each with the error (not rank 1 alone, leaving rank 0
+    # waiting for it).
+    model = tiny_model()
+    if rank == 1:
+        model.lm_head.register_forward_hook(lambda module, inputs, output: output * float("nan"))
+    try:
+        pretrain.train(loop_config(os.path.join(tmp, "nan"), max_iters=5), model, FixedBatches([halves[rank]]))
+    except pretrain.TrainingError as error:
+        torch.save(str(error), os.path.join(tmp, f"nan{rank}.pt"))
     torch.distributed.destroy_process_group()
 
 
@@ -442,6 +451,7 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     positions = [torch.load(tmp_path / f"position{rank}.pt") for rank in (0, 1)]
     assert positions == [2, 12]  # each rank's saved position + the one step after resuming
     assert [torch.load(tmp_path / f"timed{rank}.pt") for rank in (0, 1)] == [1, 1]  # both stopped after step 1
+    assert all(torch.load(tmp_path / f"nan{rank}.pt").startswith("loss is nan at step 0") for rank in (0, 1))
 
 
 class Killed(Exception):
