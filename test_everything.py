@@ -299,6 +299,8 @@ def test_local_files_prepare(tmp_path):
             prepare(dict(cfg, text_source=str(tmp_path / "bad.jsonl"), data_dir=str(tmp_path / "bad")))
     with pytest.raises(DataError, match="needs 263 to 65536 ids"):
         prepare(dict(cfg, vocab_size=100, data_dir=str(tmp_path / "small")))
+    with pytest.raises(DataError, match="--max_tokens=10 stops reading after 2 documents"):
+        prepare(dict(cfg, max_tokens=10, data_dir=str(tmp_path / "few")))
 
 
 def test_config_overrides_are_typed():

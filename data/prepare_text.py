@@ -170,6 +170,9 @@ def read_documents(config):
         documents.append(doc)
         n_chars += len(doc)
         if n_chars > 4.5 * config["max_tokens"]:
+            if len(documents) < VAL_EVERY:
+                raise DataError(f"--max_tokens={config['max_tokens']} stops reading after {len(documents)} "
+                                f"documents, fewer than the {VAL_EVERY} needed to hold some out; raise it")
             break
     return split_documents(documents, config)
 
