@@ -565,9 +565,9 @@ def assert_clean_error(result, *phrases):
 def tiny_ckpt(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("pretrain")
     args = ["pretrain.py", f"--data_dir={tiny_data['data_dir']}", "--vocab_size=320", "--shapes_docs=3000",
-            f"--out_dir={out}", "--dim=32", "--n_layers=4", "--n_heads=4", "--n_kv_heads=2", "--ffn_hidden=48", "--moe_hidden=24",
-            "--context=64", "--attn_chunk=16", "--max_iters=30", "--eval_interval=30", "--eval_iters=2",
-            "--warmup_iters=5", "--batch_size=8", "--device=cpu"]
+            f"--out_dir={out}", "--dim=32", "--n_layers=4", "--n_heads=4", "--n_kv_heads=2", "--ffn_hidden=48",
+            "--moe_hidden=24", "--context=64", "--attn_chunk=16", "--max_iters=30", "--eval_interval=30",
+            "--eval_iters=2", "--warmup_iters=5", "--batch_size=8", "--device=cpu"]
     result = run(*args)
     assert result.returncode == 0, result.stderr
     assert "eval step 30: val loss" in result.stdout
