@@ -783,12 +783,12 @@ def train(config, model, batches, evaluate_extra=None, lr_scale=None, checkpoint
                 line += f" | mem {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
             print(line, flush=True)
         if config["max_seconds"]:
-            # Every rank must stop at the same step (or the others wait forever in the next all-reduce),
-            # so the ranks agree: stop when any rank's clock says so.
-            out_of_time = torch.tensor(float(time.time() - started > config["max_seconds"]), device=device)
-            if world > 1:
-                torch.distributed.all_reduce(out_of_time, op=torch.distributed.ReduceOp.MAX)
-            if out_of_time.item():
+            out_of_time = time.time() - started > config["max_seconds"]
+            if world > 1:  # every rank must stop at the same step (or the others wait forever in an all-reduce)
+                flag = torch.tensor(float(out_of_time), device=device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # any rank's clock
+                out_of_time = bool(flag.item())
+            if out_of_time:
                 if master:
                     print(f"stopping at step {step}: max_seconds={config['max_seconds']} reached", flush=True)
                 break
