@@ -12,25 +12,27 @@
 Only the projector learns (4.7M parameters in the seed recipe): the encoder already sees, the LLM already
 speaks, and the projector learns to translate one into the other. This file adds only what is new - the
 encoder, the projector, the VLM glue, caption batches, caption scoring - and imports the LLM, generation and
-the training loop from pretrain.py.
+the training loop from pretrain.py. On Shapes World the frozen encoder is first trained by shapes_encoder.py,
+the stand-in for ImageNet pretraining.
 """
 import hashlib
 import itertools
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from config import ConfigError, get_config
+from config import ConfigError, get_config, run
 from data import shapes_world
 from data.captions import caption_set
-from data.prepare_text import BOS_ID, EOS_ID, EOT_ID, IMAGE_ID, PAD_ID, SPECIAL_TOKENS, DataError
-from pretrain import (TrainingError, Transformer, encode, generate, load_checkpoint, load_model_state,
-                      load_tokenizer, model_from_checkpoint, run, setup_device, train)
+from data.prepare_text import BOS_ID, EOS_ID, EOT_ID, IMAGE_ID, PAD_ID, SPECIAL_TOKENS, DataError, Progress
+from pretrain import (TrainingError, Transformer, encode, flops_per_token, generate, load_checkpoint,
+                      load_model_state, load_tokenizer, model_from_checkpoint, once_per_node, setup_device, train)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -123,12 +125,8 @@ def load_vision_weights(vit, config, device):
     if name == "IMAGENET1K_V1":
         state = imagenet_weights()
     elif name == "shapes":
-        # Named by every setting that changes the encoder, so that changing one trains a new encoder.
-        path = os.path.join("out", "align", f"shapes_vit_{config['image_size']}px_{config['encoder_steps']}steps_"
-                                            f"lr{config['encoder_lr']:g}_seed{config['seed']}.pt")
-        if not os.path.exists(path):
-            pretrain_shapes_encoder(config, device, path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        from shapes_encoder import shapes_encoder_weights  # the stand-in for ImageNet, in its own file
+        state = shapes_encoder_weights(config, device)
     else:
         if not os.path.isfile(name):
             raise DataError(f"--vision_weights={name}: no such file (use IMAGENET1K_V1, shapes, none or a .pth path)")
@@ -155,124 +153,6 @@ def imagenet_weights():
         raise DataError(f"cannot download the ViT-B/16 ImageNet weights ({type(error).__name__}); put "
                         f"{os.path.basename(weights.url)} from {weights.url} at {cached}, or pass "
                         f"--vision_weights=PATH to a local state dict") from None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The stand-in for ImageNet pretraining (Shapes World only)
-# ----------------------------------------------------------------------------------------------------------
-# A *randomly initialised* frozen encoder gives patch tokens that are nearly identical to each other: colour
-# survives, shape kind barely does, and the projector cannot recover what the encoder never extracted.
-# Real recipes freeze an encoder that was pretrained on ImageNet. Offline we have no such weights, so we
-# pretrain the small encoder ourselves on what Shapes World images contain: every patch token is taught to
-# say which cell of the 3x3 grid it lies in, and the kind, colour and size of the shape there (or "empty").
-# Then the temporary head is dropped and the encoder is frozen, exactly as the real recipe freezes ViT-B/16.
-
-ATTRIBUTES = (("kind", ("empty",) + shapes_world.KINDS), ("color", ("empty",) + tuple(shapes_world.COLORS)),
-              ("size", ("empty",) + shapes_world.SIZES), ("cell", shapes_world.POSITIONS))
-
-
-def patch_labels(scene, grid):
-    """(grid * grid, 4) labels of one scene: kind, colour, size (0 = empty) and cell of each patch."""
-    by_cell = {s["position"]: s for s in scene["shapes"]}
-    labels = []
-    for row in range(grid):
-        for col in range(grid):
-            cell = shapes_world.POSITIONS[(row * 3 // grid) * 3 + col * 3 // grid]
-            shape = by_cell.get(cell)
-            labels.append([values.index(shape[attr]) if shape else 0 for attr, values in ATTRIBUTES[:3]]
-                          + [shapes_world.POSITIONS.index(cell)])
-    return labels
-
-
-class PatchClassifier(nn.Module):
-    """The encoder plus a temporary linear head on every patch token; forward returns (logits, loss, None)
-    so that pretrain.train can run it."""
-
-    def __init__(self, vit):
-        super().__init__()
-        self.vit = vit
-        self.sizes = [len(values) for _, values in ATTRIBUTES]
-        # Kind is the hard attribute: it needs a shape's outline, which a small shape draws across one or two
-        # patches, while colour and size show in any of its pixels. Weighting its loss 4x lifts held-out
-        # kind accuracy on the shapes' patches from 78 % to 97 % in the same 600 steps (colour, size, cell
-        # stay at 99-100 %).
-        self.weights = (4.0, 1.0, 1.0, 1.0)
-        self.head = nn.Linear(vit.hidden_dim, sum(self.sizes))
-        vit.heads.requires_grad_(False)  # torchvision's ImageNet head: unused (and DDP wants a gradient for all)
-
-    def forward(self, images, labels):
-        logits = self.head(patch_tokens(self.vit, images)).split(self.sizes, dim=-1)  # 4 x (B, patches, n)
-        loss = sum(weight * F.cross_entropy(l.flatten(0, 1), labels[..., i].flatten())
-                   for i, (l, weight) in enumerate(zip(logits, self.weights)))
-        return logits, loss, None
-
-
-class ImageBatches:
-    """Rendered Shapes World images with their patch labels, for the encoder's pretraining."""
-
-    def __init__(self, config, device, rank=0):
-        grid = config["image_size"] // 8
-        transform = image_transform(config)
-        self.data = {}
-        for split, n in (("train", 8000), ("val", 500)):
-            scenes = shapes_world.make_scenes(split, n, seed=config["seed"] + 1)
-            images = torch.stack([transform(shapes_world.render(s, config["image_size"])) for s in scenes])
-            labels = torch.tensor([patch_labels(s, grid) for s in scenes])
-            self.data[split] = (images, labels)
-        self.batch_size, self.device = config["batch_size"], device
-        self.generator = torch.Generator().manual_seed(config["seed"] + rank)
-
-    def next(self, split="train"):
-        images, labels = self.data[split]
-        rows = torch.randint(len(images), (self.batch_size,), generator=self.generator)
-        return dict(images=images[rows].to(self.device), labels=labels[rows].to(self.device))
-
-    def eval_batches(self):
-        images, labels = self.data["val"]
-        return [dict(images=images.to(self.device), labels=labels.to(self.device))]
-
-    def state_dict(self):
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state):
-        self.generator.set_state(state["generator"])
-
-
-@torch.no_grad()
-def patch_accuracy(classifier, batches):
-    """Held-out accuracy of each attribute over all patches of the validation images."""
-    classifier.eval()
-    batch = batches.eval_batches()[0]
-    logits, _, _ = classifier(**batch)
-    classifier.train()
-    right = [l.argmax(-1) == batch["labels"][..., i] for i, l in enumerate(logits)]
-    scores = {f"{name} acc": r.float().mean().item() for r, (name, _) in zip(right, ATTRIBUTES)}
-    occupied = batch["labels"][..., 0] > 0  # most patches are empty, which is easy: score the shapes alone too
-    scores["kind acc on shapes"] = right[0][occupied].float().mean().item()
-    return scores
-
-
-def pretrain_shapes_encoder(config, device, path):
-    """Train the small encoder on Shapes World attributes with the shared training loop; save it to path.
-    Under torchrun every rank trains (data-parallel, each on its own batches) and rank 0 saves."""
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    if rank == 0:
-        print(f"training the Shapes World vision encoder (the stand-in for ImageNet pretraining) -> {path}",
-              flush=True)
-    torch.manual_seed(config["seed"])
-    classifier = PatchClassifier(build_vision_transformer(config))
-    # All steps always (max_seconds=0): a cut-short encoder would be cached and reused by every later run.
-    encoder_config = dict(config, lr=config["encoder_lr"], min_lr=config["encoder_lr"] / 10, batch_size=64,
-                          max_iters=config["encoder_steps"], warmup_iters=50, eval_interval=config["encoder_steps"],
-                          log_interval=100, grad_accum_steps=1, resume=False, compile=False, max_seconds=0.0,
-                          out_dir=os.path.join(os.path.dirname(path), "shapes_vit_training"))
-    batches = ImageBatches(encoder_config, device, rank)
-    train(encoder_config, classifier, batches, evaluate_extra=lambda m: patch_accuracy(m, batches))
-    if rank == 0:
-        torch.save(classifier.vit.cpu().state_dict(), path + ".tmp")
-        os.replace(path + ".tmp", path)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()  # the other ranks read the file once rank 0 has written it
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -342,10 +222,11 @@ class VLM(nn.Module):
         image_tokens = self.projector(pixel_shuffle(features.to(embeds.dtype), self.shuffle))
         return embeds.masked_scatter((tokens == IMAGE_ID)[..., None], image_tokens.to(embeds.dtype))
 
-    def forward(self, tokens, targets=None, features=None, images=None):
+    def forward(self, tokens, targets=None, features=None, images=None, expert_counts=False):
+        """The LLM's outputs (see Transformer.forward) on the text with the images' tokens in it."""
         if features is None:
             features = self.image_features(images)
-        return self.llm(embeds=self.embed(tokens, features), targets=targets)
+        return self.llm(embeds=self.embed(tokens, features), targets=targets, expert_counts=expert_counts)
 
 
 def check_tokenizer(tokenizer, path):
@@ -407,58 +288,69 @@ def compute_features(vlm, images, transform, path, device, source, batch_size=64
         os.remove(stamp)  # stale: a run cut short while rewriting the features must not look complete
     with torch.no_grad():
         first = vlm.image_features(transform(images[0]())[None].to(device))
+    shape = (len(images), *first.shape[1:])                             # (images, patches, vision_dim)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    features = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(len(images), *first.shape[1:]))
+    size = math.prod(shape) * 2                                         # float16: 2 bytes a number
+    check_free_space(path, size)
+    print(f"caching the image features -> {path} ({len(images):,} images, {size / 1e9:.2f} GB)", flush=True)
+    features = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
+    progress = Progress(f"encoding {os.path.basename(path)}", len(images), "images")
     for start in range(0, len(images), batch_size):
         batch = torch.stack([transform(load()) for load in images[start:start + batch_size]]).to(device)
         features[start:start + len(batch)] = vlm.image_features(batch).float().cpu().numpy()
-        if start // batch_size % 50 == 0:
-            print(f"  encoded {start + len(batch):,}/{len(images):,} images", flush=True)
+        progress.update(start + len(batch))
     features.flush()
     with open(stamp, "w") as f:
         json.dump({"fingerprint": fingerprint.hexdigest()}, f)
     return np.load(path, mmap_mode="r")
 
 
-class CaptionBatches:
-    """Random batches of captions with their images' features (cached) or pixels (computed each step).
-    Phase 3 subclasses it with conversations in place of captions (`examples`)."""
+def check_free_space(path, needed):
+    """Stop, before writing, when the disk cannot hold a file of `needed` bytes at path (a file already
+    there is overwritten, so its space counts as free). The full recipe's COCO features are ~35 GB."""
+    folder = os.path.dirname(path) or "."
+    free = shutil.disk_usage(folder).free + (os.path.getsize(path) if os.path.exists(path) else 0)
+    if needed > free:
+        raise DataError(f"caching image features needs {needed / 1e9:.1f} GB for {path}, but {folder} has "
+                        f"{free / 1e9:.1f} GB free; free some space, pass an --out_dir on a larger disk, or "
+                        f"--cache_features=False to run the encoder on every batch instead")
 
-    def __init__(self, vlm, tokenizer, config, device, rank=0):
+
+def caption_examples(split, vlm, tokenizer, config):
+    """Phase 2's examples: the split's CaptionSet and the (tokens, targets) sequence of each of its pairs."""
+    data = caption_set(config, split)
+    room = min(config["max_caption_tokens"], vlm.config["context"] - vlm.n_image_tokens - 2)
+    encoded = [encode(tokenizer, text)[:room] for _, text in data.pairs]  # longer captions are cut
+    return data, [caption_sequence(ids, vlm.n_image_tokens) for ids in encoded]
+
+
+class CaptionBatches:
+    """Random batches of image + text sequences with the images' features (cached) or pixels (computed each
+    step). `examples(split, vlm, tokenizer, config)` gives each split's (CaptionSet, sequences): captions in
+    phase 2 (caption_examples), conversations in phase 3 (instruct.conversation_examples)."""
+
+    def __init__(self, vlm, tokenizer, config, device, rank=0, examples=caption_examples):
         self.device, self.batch_size, self.eval_iters = device, config["batch_size"], config["eval_iters"]
         self.transform = image_transform(config)
         self.sets, self.features, self.sequences = {}, {}, {}
         for split in ("train", "val"):
-            data, self.sequences[split] = self.examples(split, vlm, tokenizer, config)
-            self.sets[split] = data
+            self.sets[split], self.sequences[split] = examples(split, vlm, tokenizer, config)
             if config["cache_features"]:
-                self.features[split] = self.cached_features(vlm, data, split, config, device, rank)
+                self.features[split] = self.cached_features(vlm, self.sets[split], split, config, device)
         self.generator = torch.Generator().manual_seed(config["seed"] + rank)
 
-    def cached_features(self, vlm, data, split, config, device, rank):
-        """The split's features from the cache; rank 0 writes it while the other DDP ranks wait, then read it."""
+    def cached_features(self, vlm, data, split, config, device):
+        """The split's features from the cache, written by the first process of each machine."""
         path = os.path.join(config["out_dir"], f"features_{split}.npy")
         source = " ".join(str(config[k]) for k in ("caption_source", "caption_dataset", "instruct_source",
                                                    "image_folder", "image_size", "seed", "train_images",
                                                    "eval_images"))
-        if rank == 0:
-            print(f"caching {split} image features -> {path}", flush=True)
-            compute_features(vlm, data.images, self.transform, path, device, source)
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
-        return compute_features(vlm, data.images, self.transform, path, device, source)  # now a cache hit
+        return once_per_node(lambda: compute_features(vlm, data.images, self.transform, path, device, source))
 
     def features_of(self, vlm, split, rows):
         """Encoder features (B, patches, D) of the images of the given rows: cached, or computed now."""
         batch = self.batch(split, rows)
         return batch["features"] if "features" in batch else vlm.image_features(batch["images"])
-
-    def examples(self, split, vlm, tokenizer, config):
-        """The split's CaptionSet and the (tokens, targets) sequence of each of its pairs."""
-        data = caption_set(config, split)
-        room = min(config["max_caption_tokens"], vlm.config["context"] - vlm.n_image_tokens - 2)
-        encoded = [encode(tokenizer, text)[:room] for _, text in data.pairs]  # longer captions are cut
-        return data, [caption_sequence(ids, vlm.n_image_tokens) for ids in encoded]
 
     def batch(self, split, rows):
         """Right-padded (tokens, targets) of the given caption rows, plus their features or images."""
@@ -507,7 +399,7 @@ def caption_images(vlm, features, max_new_tokens=64, before=(BOS_ID,), after=(),
     after = after if torch.is_tensor(after) else torch.tensor(list(after), dtype=torch.long, device=device).expand(B, -1)
     prefix = torch.cat([head, after], dim=1)
     if prefix.shape[1] >= vlm.config["context"]:
-        raise ValueError(f"the prompt takes {prefix.shape[1]} tokens with the image but the model's context is "
+        raise ConfigError(f"the prompt takes {prefix.shape[1]} tokens with the image but the model's context is "
                          f"{vlm.config['context']}; shorten it")
     new_ids = generate(vlm.llm, None, max_new_tokens, embeds=vlm.embed(prefix, features), **sampling)
     return [list(itertools.takewhile(lambda t: t not in (EOS_ID, EOT_ID), row)) for row in new_ids.tolist()]
@@ -566,7 +458,8 @@ def main(argv=None):
               f"{vlm.n_image_tokens} image tokens per image; {len(batches.sets['train'].pairs):,} training "
               f"captions; {config['max_iters']} steps of {config['batch_size']}", flush=True)
     train(config, vlm, batches, evaluate_extra=lambda m: caption_accuracy(m, batches, tokenizer, config["eval_images"]),
-          checkpoint_extra=dict(tokenizer=tokenizer.to_str(), llm_config=llm_state["config"]))
+          checkpoint_extra=dict(tokenizer=tokenizer.to_str(), llm_config=llm_state["config"]),
+          flops_per_token=flops_per_token(llm_state["config"]))
     if rank == 0:
         print(f"saved {os.path.join(config['out_dir'], 'ckpt.pt')}; try: python caption.py some.png")
 

@@ -4,6 +4,7 @@
     python bench.py --batch_size=8 --dim=256  # any config key, as for pretrain.py
     python bench.py --preset=llama4_seed      # the seed's sizes (on CUDA; far too big for a CPU)
     python bench.py --rows=cuda --profile     # only row 5, then a torch.profiler table of its largest batch
+    python bench.py --help                    # every key it reads
 
 It prints one line naming the machine and one markdown table, row by row, ready to paste into the README:
 
@@ -25,14 +26,13 @@ import gc
 import os
 import platform
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
 from align import VLM, build_vision_transformer, caption_images, caption_sequence
-from config import ConfigError, get_config
+from config import ConfigError, get_config, run
 from data.prepare_text import BOS_ID, IMAGE_ID
 from export_hf import hf_config, hf_state_dict
 from pretrain import (FeedForward, MoE, Transformer, autocast_dtype, flops_per_token, generate, make_optimizer,
@@ -208,7 +208,7 @@ def moe_row(name, config, device, repeats):
     x = torch.randn(config["batch_size"], config["context"], config["dim"], device=device, requires_grad=True)
 
     def moe_pass():
-        out, aux_loss = moe(x)
+        out, aux_loss, _ = moe(x)
         torch.autograd.grad(out.sum() + aux_loss, [x, *moe.parameters()])
 
     def dense_pass():
@@ -400,21 +400,18 @@ def print_row(cells):
 ROWS = ("training", "moe", "generation", "phase2", "cuda")
 
 
+def chosen_rows(config):
+    """The set of row names that --rows names (comma-separated)."""
+    rows = set(config["rows"].split(","))
+    if not rows <= set(ROWS):
+        raise ConfigError(f"--rows takes a comma-separated subset of {','.join(ROWS)}, got {config['rows']}")
+    return rows
+
+
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # bench.py's own options; everything else is a config override as for pretrain.py.
-    rows, profile = set(ROWS), False
-    for arg in list(argv):
-        if arg.startswith("--rows="):
-            rows = set(arg.split("=", 1)[1].split(","))
-            if not rows <= set(ROWS):
-                raise ConfigError(f"--rows takes a comma-separated subset of {','.join(ROWS)}, got {arg}")
-            argv.remove(arg)
-        elif arg == "--profile":
-            profile = True
-            argv.remove(arg)
-    config = get_config("pretrain", argv)
+    config = get_config("bench", argv)  # the model and loop keys as for pretrain.py, plus --rows and --profile
     align_config = get_config("align", argv)  # phase 2's own batch size and encoder
+    rows, profile = chosen_rows(config), config["profile"]
     _, _, device = setup_device(config)
     started = time.perf_counter()
     print(machine_line(device), flush=True)
@@ -438,7 +435,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ConfigError as error:
-        sys.exit(f"error: {error}")
+    run(main)

@@ -6,14 +6,12 @@
 
 Any image Pillow opens works: RGB, grey, RGBA, palette, CMYK, 16-bit, any size (it is resized).
 """
-import sys
-
 import torch
 
 from align import caption_images, image_transform, open_image, vlm_from_checkpoint
-from config import ConfigError, get_config
-from data.prepare_text import SPECIAL_TOKENS, DataError
-from pretrain import TrainingError, setup_device
+from config import ConfigError, get_config, run
+from data.prepare_text import SPECIAL_TOKENS
+from pretrain import setup_device
 
 
 def main(argv=None):
@@ -24,9 +22,9 @@ def main(argv=None):
     question = config["prompt"].strip()
     if any(token in question for token in SPECIAL_TOKENS):
         raise ConfigError("the prompt contains a special token (<|...|>); ask in plain text")
-    default, make_it = ("out/instruct/ckpt.pt", "python instruct.py") if question else ("out/align/ckpt.pt",
-                                                                                          "python align.py")
-    vlm, tokenizer, state = vlm_from_checkpoint(config["ckpt"] or default, make_it, device)
+    phase = "instruct" if question else "align"  # a question needs phase 3's chat; a caption, phase 2
+    path = config["ckpt"] or f"{config['out_root']}/{phase}/ckpt.pt"
+    vlm, tokenizer, state = vlm_from_checkpoint(path, f"python {phase}.py", device)
     image = open_image(config["image"])
     with torch.no_grad():
         features = vlm.image_features(image_transform(state["config"])(image)[None].to(device))
@@ -41,7 +39,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, DataError, TrainingError, ValueError) as error:
-        sys.exit(f"error: {error}")
+    run(main)

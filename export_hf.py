@@ -1,6 +1,6 @@
 """Export a phase-1 checkpoint to the Hugging Face transformers format, as a `Llama4ForCausalLM`.
 
-    python export_hf.py out/pretrain/ckpt.pt out/hf
+    python export_hf.py out/pretrain/ckpt.pt out/hf        # or --ckpt=... --out_dir=...; these two are the defaults
 
 Then, with `pip install -r requirements-test.txt` (transformers is only needed to *use* the export):
 
@@ -23,19 +23,18 @@ transformers stores each expert's gate and up projections side by side in one te
 Nothing here imports transformers: config.json and the tokenizer files are plain JSON, and the weights are
 written with `safetensors`. The optimizer state and everything else in the checkpoint are left behind.
 """
-import argparse
 import json
 import os
 import shutil
-import sys
 
 import torch
 
+from config import UserError, get_config, run
 from data.prepare_text import BOS_ID, EOS_ID, EOT_ID, PAD_ID, SPECIAL_TOKENS
-from pretrain import TrainingError, head_dim_of, model_from_checkpoint
+from pretrain import head_dim_of, model_from_checkpoint
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """An export that cannot be written (a bad output folder, a missing package); the message says what to do."""
 
 
@@ -235,15 +234,9 @@ def export(ckpt_path, out_dir):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Export a phase-1 checkpoint as a transformers Llama4ForCausalLM.")
-    parser.add_argument("ckpt", nargs="?", default="out/pretrain/ckpt.pt", help="phase-1 checkpoint")
-    parser.add_argument("out_dir", nargs="?", default="out/hf", help="new or empty output folder")
-    args = parser.parse_args(argv)
-    print(export(args.ckpt, args.out_dir))
+    config = get_config("export", argv)  # python export_hf.py [CKPT [OUT_DIR]]: the keys ckpt and out_dir
+    print(export(config["ckpt"] or f"{config['out_root']}/pretrain/ckpt.pt", config["out_dir"]))
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ExportError, TrainingError) as error:
-        sys.exit(f"error: {error}")
+    run(main)

@@ -21,11 +21,11 @@ import random
 import torch
 
 from align import CaptionBatches, caption_images, set_epochs, vlm_from_checkpoint
-from config import get_config
+from config import get_config, run
 from data import shapes_world
 from data.captions import CaptionSet
-from data.prepare_text import ASSISTANT_ID, BOS_ID, EOT_ID, IMAGE_ID, USER_ID, DataError
-from pretrain import encode, run, setup_device, train
+from data.prepare_text import ASSISTANT_ID, BOS_ID, EOT_ID, IMAGE_ID, USER_ID, DataError, held_out
+from pretrain import encode, flops_per_token, setup_device, train
 
 IMAGE_MARKER = "<image>"  # where LLaVA-format text puts the image
 
@@ -105,7 +105,7 @@ def check_record(record, image_folder):
 def llava_conversations(config, split):
     """Conversations from a LLaVA-Instruct JSON file (a list of {"id", "image", "conversations": [{"from":
     "human"|"gpt", "value"}]}) and its image folder. Bad records are reported, counted and skipped; every
-    50th good record is held out for validation."""
+    50th good record is held out for validation (held_out)."""
     from align import open_image
     source, folder = config["instruct_source"], config["image_folder"]
     try:
@@ -127,37 +127,41 @@ def llava_conversations(config, split):
                 name = record.get("id", "?") if isinstance(record, dict) else "?"
                 print(f"skipping record {number} (id {name}) of {source}: {problem}", flush=True)
             continue
-        kept += 1
-        if (kept % 50 == 0) == (split == "val"):
+        if held_out(kept) == (split == "val"):
             if path not in image_index:  # LLaVA has several conversations per image: encode each image once
                 image_index[path] = len(images)
                 images.append(lambda path=path: open_image(path))
             pairs.append((image_index[path], turns))
+        kept += 1
     if split == "train" and skipped:
         print(f"skipped {skipped} of {len(records)} records of {source}", flush=True)
     return CaptionSet(images, pairs, name=f"{source} {split}")
 
 
-class ConversationBatches(CaptionBatches):
-    """CaptionBatches with conversations in place of captions."""
+def conversation_examples(split, vlm, tokenizer, config):
+    """Phase 3's examples: the split's conversations as a CaptionSet, and the (tokens, targets) sequence of
+    each; a conversation that cannot fit the LLM's context is skipped, loudly."""
+    if config["instruct_source"] == "shapes":
+        n = config["train_images"] if split == "train" else config["eval_images"]
+        data = shapes_conversations(split, n, config["seed"], config["image_size"])
+    else:
+        data = llava_conversations(config, split)
+    kept, sequences = [], []
+    for pair in data.pairs:
+        try:
+            sequences.append(render_conversation(pair[1], tokenizer, vlm.n_image_tokens, vlm.config["context"]))
+            kept.append(pair)
+        except DataError as problem:  # the question before the image is too long: skip it, loudly
+            print(f"skipping a {split} conversation ({problem}): {pair[1][0][0][:60]!r}...", flush=True)
+    if not kept:
+        raise DataError(f"no {split} conversation of {data.name} fits in the LLM's context")
+    data.pairs[:] = kept
+    return data, sequences
 
-    def examples(self, split, vlm, tokenizer, config):
-        if config["instruct_source"] == "shapes":
-            n = config["train_images"] if split == "train" else config["eval_images"]
-            data = shapes_conversations(split, n, config["seed"], config["image_size"])
-        else:
-            data = llava_conversations(config, split)
-        kept, sequences = [], []
-        for pair in data.pairs:
-            try:
-                sequences.append(render_conversation(pair[1], tokenizer, vlm.n_image_tokens, vlm.config["context"]))
-                kept.append(pair)
-            except DataError as problem:  # the question before the image is too long: skip it, loudly
-                print(f"skipping a {split} conversation ({problem}): {pair[1][0][0][:60]!r}...", flush=True)
-        if not kept:
-            raise DataError(f"no {split} conversation of {data.name} fits in the LLM's context")
-        data.pairs[:] = kept
-        return data, sequences
+
+def ConversationBatches(vlm, tokenizer, config, device, rank=0):
+    """Phase 3's batches: align's CaptionBatches, given conversations in place of captions."""
+    return CaptionBatches(vlm, tokenizer, config, device, rank, examples=conversation_examples)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -186,7 +190,7 @@ def answer_accuracy(vlm, batches, tokenizer):
             after = torch.tensor([a for _, a, _, _ in chunk], device=features.device)  # (B, question length)
             answers = caption_images(vlm, features, 8, before, after)  # `before` is the same for every question
             for (_, _, expected, kind), ids in zip(chunk, answers):
-                ok = tokenizer.decode(ids).strip() == expected
+                ok = shapes_world.score_answer(tokenizer.decode(ids), expected)
                 for key in (kind, "all"):
                     right[key] = right.get(key, 0) + ok
                     total[key] = total.get(key, 0) + 1
@@ -216,7 +220,8 @@ def main(argv=None):
               f"{config['max_iters']} steps of {config['batch_size']}", flush=True)
     lr_scale = lambda name: config["projector_lr_scale"] if name.startswith("projector.") else 1.0
     train(config, vlm, batches, evaluate_extra=lambda m: answer_accuracy(m, batches, tokenizer), lr_scale=lr_scale,
-          checkpoint_extra=dict(tokenizer=tokenizer.to_str(), llm_config=align_state["llm_config"]))
+          checkpoint_extra=dict(tokenizer=tokenizer.to_str(), llm_config=align_state["llm_config"]),
+          flops_per_token=flops_per_token(align_state["llm_config"]))
     if rank == 0:
         print(f"saved {os.path.join(config['out_dir'], 'ckpt.pt')}; try: "
               f"python caption.py some.png --prompt \"how many shapes are there?\"")

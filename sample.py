@@ -3,25 +3,23 @@
     python sample.py --prompt "a red"
     python sample.py --prompt "the picture shows" --temperature=0.8 --top_k_sampling=50 --max_new_tokens=100
 """
-import sys
-
 import torch
 
-from config import ConfigError, get_config
+from config import ConfigError, get_config, run
 from data.prepare_text import BOS_ID, SPECIAL_TOKENS
-from pretrain import TrainingError, encode, generate, model_from_checkpoint, setup_device
+from pretrain import encode, generate, model_from_checkpoint, setup_device
 
 
 def complete(model, tokenizer, prompt, config, generator=None):
-    """The prompt's continuation as text. Raises ValueError for a prompt the model cannot take."""
+    """The prompt's continuation as text. Raises ConfigError for a prompt the model cannot take."""
     if not prompt.strip():
-        raise ValueError('the prompt is empty; pass one, e.g. --prompt="a red"')
+        raise ConfigError('the prompt is empty; pass one, e.g. --prompt="a red"')
     if any(token in prompt for token in SPECIAL_TOKENS):
-        raise ValueError("the prompt contains a special token (<|...|>); write plain text")
+        raise ConfigError("the prompt contains a special token (<|...|>); write plain text")
     ids = [BOS_ID] + encode(tokenizer, prompt)
     context = model.config["context"]
     if len(ids) >= context:
-        raise ValueError(f"the prompt is {len(ids)} tokens (with <|begin_of_text|>) but the model's context is "
+        raise ConfigError(f"the prompt is {len(ids)} tokens (with <|begin_of_text|>) but the model's context is "
                          f"{context}; shorten it")
     device = model.lm_head.weight.device
     new_ids = generate(model, torch.tensor([ids], device=device), config["max_new_tokens"],
@@ -32,14 +30,11 @@ def complete(model, tokenizer, prompt, config, generator=None):
 def main(argv=None):
     config = get_config("sample", argv)
     _, _, device = setup_device(config)
-    path = config["ckpt"] or "out/pretrain/ckpt.pt"
+    path = config["ckpt"] or f"{config['out_root']}/pretrain/ckpt.pt"
     model, tokenizer, _ = model_from_checkpoint(path, device=device)
     generator = torch.Generator(device=device).manual_seed(config["seed"])
     print(config["prompt"] + complete(model, tokenizer, config["prompt"], config, generator))
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, TrainingError, ValueError) as error:
-        sys.exit(f"error: {error}")
+    run(main)

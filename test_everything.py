@@ -22,6 +22,7 @@ import config as config_module
 import export_hf
 import instruct
 import pretrain
+import shapes_encoder
 from config import CONFIG, ConfigError
 from data import shapes_world
 from data.prepare_text import (ASSISTANT_ID, BOS_ID, EOS_ID, EOT_ID, IMAGE_ID, PAD_ID, SPECIAL_TOKENS, USER_ID,
@@ -95,6 +96,22 @@ def test_chunked_mask_matches_brute_force():
                 q = i + offset
                 expect = j <= q and (chunk is None or j // chunk == q // chunk)
                 assert bool(got[i, j]) == expect, (length, offset, chunk, i, j)
+    # The picture in attention_mask's docstring (RoPE layer on the left, NoPE on the right) is what it builds.
+    rows = [line.split() for line in pretrain.attention_mask.__doc__.splitlines() if line.strip().startswith("q ")]
+    for side, chunk in ((slice(2, 10), 4), (slice(12, 20), None)):
+        drawn = torch.tensor([[mark == "x" for mark in row[side]] for row in rows])
+        assert torch.equal(drawn, pretrain.attention_mask(8, 0, chunk, torch.device("cpu"))), chunk
+
+
+def test_gqa_flag_equals_repeating_the_kv_heads():
+    """What Attention's docstring says enable_gqa=True means: query head h uses K/V head h // group."""
+    q, k, v = torch.randn(2, 6, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)  # 6 query, 2 KV heads
+    grouped = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    repeated = F.scaled_dot_product_attention(q, k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1),
+                                              is_causal=True)
+    torch.testing.assert_close(grouped, repeated)
+    assert not torch.allclose(grouped, F.scaled_dot_product_attention(  # the other layout, head h -> h % 2, differs
+        q, k.repeat(1, 3, 1, 1), v.repeat(1, 3, 1, 1), is_causal=True))
 
 
 def test_rope_depends_only_on_relative_position():
@@ -126,9 +143,9 @@ def test_moe_matches_per_token_loop(batch, length):
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.3)
     x = torch.randn(batch, length, TINY["dim"], requires_grad=True)
-    got, _ = moe(x)
+    got, _, counts = moe(x)
     swiglu = lambda h, e: (F.silu(h @ moe.experts.gate_proj[e]) * (h @ moe.experts.up_proj[e])) @ moe.experts.down_proj[e]
-    expected = []
+    expected, chosen = [], [0] * TINY["n_experts"]
     for b in range(batch):
         for t in range(length):
             token = x[b, t]
@@ -136,9 +153,12 @@ def test_moe_matches_per_token_loop(batch, length):
             expect = moe.shared_expert(token)
             for e in logits.topk(TINY["top_k"]).indices.tolist():
                 expect = expect + swiglu(token * torch.sigmoid(logits[e]), e)  # the gate scales the input
+                chosen[e] += 1
             torch.testing.assert_close(got[b, t], expect, atol=1e-5, rtol=1e-4)
             expected.append(expect)
-    assert moe.tokens_per_expert.sum().item() == batch * length * TINY["top_k"]  # only routed pairs were computed
+    # The reported load is, expert by expert, the number of (token, expert) pairs the loop computed; a sum
+    # alone would hold for any counts that add up to N * top_k.
+    assert counts.tolist() == chosen and sorted(chosen) != [chosen[0]] * len(chosen)
     # Gradients too: the sorted path has its own backward (PermuteRows), the loop plain autograd.
     weights = torch.randn(batch * length, TINY["dim"])
     inputs = [x, *moe.parameters()]
@@ -150,15 +170,44 @@ def test_moe_matches_per_token_loop(batch, length):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3, msg=name)
 
 
+@pytest.mark.parametrize("batch, length", [(2, 5), (1, 1)])  # sorted + grouped matmul; gathered experts
+def test_moe_fast_path_equals_its_per_expert_loop(batch, length):
+    """MoE.routed_experts (the speed devices) computes what MoE.experts_loop (the idea, plainly) does."""
+    torch.manual_seed(1)
+    moe = MoE(TINY)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(batch * length, TINY["dim"])
+    top_logits, top_experts = moe.router(x).topk(TINY["top_k"], dim=-1)
+    gates = torch.sigmoid(top_logits)
+    counts = pretrain.count_slots(top_experts, TINY["n_experts"])
+    assert counts.tolist() == [(top_experts == e).sum().item() for e in range(TINY["n_experts"])]
+    torch.testing.assert_close(moe.routed_experts(x, gates, top_experts, counts),
+                               moe.experts_loop(x, gates, top_experts), atol=1e-5, rtol=1e-4)
+    out, _, _ = moe(x.view(batch, length, -1))
+    expected = moe.shared_expert(x) + moe.experts_loop(x, gates, top_experts)  # combine
+    torch.testing.assert_close(out.view(-1, TINY["dim"]), expected, atol=1e-5, rtol=1e-4)
+
+
 def test_aux_loss_hand_example():
-    moe = MoE(dict(TINY, dim=8, n_experts=2, top_k=1, moe_hidden=8))
+    """4 experts, top-2, 3 tokens: the Switch loss n_experts * sum_i f_i * P_i worked by hand. With more than 2
+    experts a sigmoid is not the softmax, and with top_k 2 the slot share f_i divides by N * top_k = 6, not N."""
+    moe = MoE(dict(TINY, dim=8, n_experts=4, top_k=2, moe_hidden=8))
     with torch.no_grad():
-        moe.router.weight.copy_(torch.eye(2, 8))  # router logits = the first two input features
+        moe.router.weight.copy_(torch.eye(4, 8))  # router logits = the first four input features
+    logits = [[2.0, 1.0, 0.0, -1.0],   # picks experts 0 and 1
+              [0.0, 3.0, 1.0, 0.5],    # picks 1 and 2
+              [1.0, -2.0, 0.0, 2.0]]   # picks 3 and 0
     x = torch.zeros(1, 3, 8)
-    x[0, :, 0] = torch.tensor([2.0, 1.0, 3.0])  # logits (a, 0): every token picks expert 0
-    _, aux = moe(x)
-    p0 = sum(1 / (1 + math.exp(-a)) for a in (2.0, 1.0, 3.0)) / 3  # softmax([a, 0])[0] = sigmoid(a)
-    assert aux.item() == pytest.approx(2 * (1.0 * p0 + 0.0 * (1 - p0)), rel=1e-6)  # n_experts * sum f_i P_i
+    x[0, :, :4] = torch.tensor(logits)
+    _, aux, counts = moe(x)
+    assert counts.tolist() == [2, 2, 1, 1]
+    f = [2 / 6, 2 / 6, 1 / 6, 1 / 6]  # share of the 6 routed slots
+    softmax = lambda row: [math.exp(a) / sum(math.exp(b) for b in row) for a in row]
+    P = [sum(softmax(row)[i] for row in logits) / 3 for i in range(4)]  # mean router probability
+    assert P == pytest.approx([0.30833, 0.34602, 0.09430, 0.25136], abs=1e-5)
+    assert aux.item() == pytest.approx(4 * sum(fi * pi for fi, pi in zip(f, P)), rel=1e-6)
+    assert aux.item() == pytest.approx(1.10290, abs=1e-5)
 
 
 def test_kv_cache_matches_full_recompute_across_chunk_boundary():
@@ -183,7 +232,40 @@ def test_generate_greedy_matches_argmax_loop():
     assert got == seq[6:]
 
 
-def test_top_k_and_top_p_keep_the_smallest_set_they_should():
+def test_generate_stops_at_the_context_and_pads_finished_rows():
+    """Two prompts of 28 tokens in a context of 32, asked for 10 tokens: generation stops after the 4 that fit
+    (a longer run would overflow the position tables). Row 0 is made to stop early by naming its own third
+    token a stop id: from there it repeats <|end_of_text|>, while row 1 goes on exactly as it does alone."""
+    model = tiny_model()
+    prompts = torch.randint(0, TINY["vocab_size"], (2, 28), generator=torch.Generator().manual_seed(0))
+    free = generate(model, prompts, 10, stop_ids=())
+    assert free.shape == (2, TINY["context"] - 28)
+    alone = [generate(model, prompts[i:i + 1], 10, stop_ids=())[0].tolist() for i in range(2)]
+    assert free.tolist() == alone
+    stop = alone[0][1]
+    assert stop not in alone[1] and stop not in alone[0][:1]  # this seed: row 1 never meets row 0's stop id
+    stopped = generate(model, prompts, 10, stop_ids=(stop,)).tolist()
+    assert stopped[0] == alone[0][:2] + [EOS_ID] * 2 and stopped[1] == alone[1]
+
+
+def test_sampled_generation_replays_softmax_of_logits_over_t():
+    """generate with temperature 0.7 and top-k 5 against a second path: full recompute of the logits at every
+    step, the top 5 kept by sorting, probabilities from exp((logit - max) / T), drawn with a generator seeded
+    alike. The same random numbers must pick the same tokens."""
+    model = tiny_model()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # logits a few units apart, so that the temperature matters
+    prompt = torch.randint(0, TINY["vocab_size"], (1, 5), generator=torch.Generator().manual_seed(6))
+    got = generate(model, prompt, 12, temperature=0.7, top_k=5, stop_ids=(),
+                   generator=torch.Generator().manual_seed(7))[0].tolist()
+    g, seq = torch.Generator().manual_seed(7), prompt[0].tolist()
+    with torch.no_grad():
+        for _ in range(12):
+            logits = model(torch.tensor([seq]))[0][0, -1].double()
+            fifth = logits.sort(descending=True).values[4]
+            weights = torch.where(logits >= fifth, ((logits - logits.max()) / 0.7).exp(), torch.zeros_like(logits))
+            seq.append(torch.multinomial((weights / weights.sum()).float()[None], 1, generator=g).item())
+    assert got == seq[5:] and len(set(got)) > 1
     logits = torch.tensor([[0.5, 0.25, 0.25, 0.0]]).log().expand(400, -1)  # probabilities .5 .25 .25 0
     g = torch.Generator().manual_seed(0)
     assert set(pretrain.sample_next(logits, 1.0, top_p=0.5, generator=g).tolist()) == {0}  # .5 reaches 0.5
@@ -192,6 +274,34 @@ def test_top_k_and_top_p_keep_the_smallest_set_they_should():
     assert set(pretrain.sample_next(logits, 1.0, top_p=0.8, generator=g).tolist()) == {0, 1, 2}
     assert set(pretrain.sample_next(logits, 1.0, top_k=1, generator=g).tolist()) == {0}
     assert pretrain.sample_next(logits, 0.0).tolist() == [0] * 400
+
+
+def sampled_shares(logits, n, **sampling):
+    """How often sample_next picks each id, over n draws from one row of logits."""
+    draws = pretrain.sample_next(logits.expand(n, -1), generator=torch.Generator().manual_seed(0), **sampling)
+    return (torch.bincount(draws, minlength=logits.shape[-1]).float() / n).tolist()
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_sampling_at_a_temperature_draws_from_p_to_the_power_1_over_t(temperature):
+    """Dividing the logits by T turns probabilities p into p^(1/T), renormalised: computed here from p with no
+    softmax. 40,000 draws put each share within 0.01 (4 standard deviations); multiplying by T instead of
+    dividing would give p^T, off by 0.2 or more."""
+    p = [0.5, 0.3, 0.15, 0.05]
+    powered = [q ** (1 / temperature) for q in p]
+    expected = [q / sum(powered) for q in powered]
+    got = sampled_shares(torch.tensor([p]).log(), 40_000, temperature=temperature)
+    assert got == pytest.approx(expected, abs=0.01)
+
+
+def test_top_k_keeps_every_logit_tied_with_the_kth():
+    """top-k filtering keeps the logits >= the k-th largest, so logits tied with the k-th all stay (as
+    transformers' top-k does): the choice never depends on which of equal tokens has the lower id."""
+    logits = torch.tensor([[2.0, 1.0, 1.0, 1.0, 0.0, -1.0]])
+    kept = [math.exp(2.0), math.exp(1.0), math.exp(1.0), math.exp(1.0)]  # ids 0-3; ids 4 and 5 are cut
+    expected = [w / sum(kept) for w in kept] + [0.0, 0.0]
+    assert sampled_shares(logits, 40_000, temperature=1.0, top_k=2) == pytest.approx(expected, abs=0.01)
+    assert sampled_shares(logits, 4000, temperature=1.0, top_k=1)[0] == 1.0  # no tie at the top: id 0 only
 
 
 def test_seed_parameter_count():
@@ -399,6 +509,15 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
                                                  batch_size=2))
     for name, grad in big.items():
         torch.testing.assert_close(small[name], grad, atol=1e-7, rtol=1e-4, msg=name)
+
+
+def test_logged_loss_is_the_steps_mean_over_its_micro_batches(tmp_path):
+    """Two micro-batches of 2 log the loss of one batch of 4, not the last micro-batch's."""
+    batch = random_batch(1, 4)
+    whole = pretrain.train(loop_config(tmp_path / "a"), tiny_model(), FixedBatches([batch]))
+    halves = pretrain.train(loop_config(tmp_path / "b", grad_accum_steps=2, batch_size=2), tiny_model(),
+                            FixedBatches(split_batch(batch, 2)))
+    assert halves[0][1] == pytest.approx(whole[0][1], rel=1e-5)
 
 
 def _ddp_worker(rank, tmp, port):
@@ -765,11 +884,11 @@ def tiny_vlm(seed=0):
 def test_encoder_pretraining_gives_every_trainable_parameter_a_gradient():
     """DDP (torchrun) stops with an error when a trainable parameter gets no gradient; torchvision's unused
     ImageNet head used to be one."""
-    classifier = align.PatchClassifier(align.build_vision_transformer(dict(TINY, **VISION)))
+    classifier = shapes_encoder.PatchClassifier(align.build_vision_transformer(dict(TINY, **VISION)))
     scenes = shapes_world.make_scenes("train", 2, seed=0)
     transform = align.image_transform(dict(TINY, **VISION))
     images = torch.stack([transform(shapes_world.render(s, 32)) for s in scenes])
-    labels = torch.tensor([align.patch_labels(s, 4) for s in scenes])
+    labels = torch.tensor([shapes_encoder.patch_labels(s, 4) for s in scenes])
     classifier(images, labels)[1].backward()
     assert all(p.grad is not None for p in classifier.parameters() if p.requires_grad)
 
@@ -1066,6 +1185,37 @@ def test_align_resume_caches_features_from_its_own_encoder(tiny_vlm_ckpts, tmp_p
     torch.testing.assert_close(features, cached, atol=1e-2, rtol=1e-2)  # the cache is float16
 
 
+def test_every_phase_logs_mfu_on_a_known_gpu(tiny_data, tiny_vlm_ckpts, tmp_path, monkeypatch, capsys):
+    """On a GPU whose peak peak_flops knows, every phase's training log shows MFU, so each phase must hand train
+    its model's FLOPs; simulated on the CPU with an H100's peak. (The loop used to read them from model.config,
+    which the Shapes World encoder's classifier lacks: python align.py crashed on an H100, H200 or A100.)"""
+    monkeypatch.setattr(pretrain, "peak_flops", lambda device: 989e12)
+    align_ckpt, _, llm_ckpt = tiny_vlm_ckpts
+    short = ["--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--log_interval=1", "--device=cpu"]
+    vlm = ["--image_size=32", "--batch_size=4", "--train_images=64", "--eval_images=8", *short]
+    phases = {
+        "pretrain": lambda out: pretrain.main([
+            f"--data_dir={tiny_data['data_dir']}", "--vocab_size=320", "--shapes_docs=3000", "--dim=32",
+            "--n_heads=4", "--n_kv_heads=2", "--ffn_hidden=48", "--moe_hidden=24", "--context=64",
+            "--attn_chunk=16", "--batch_size=2", f"--out_dir={out}", *short]),
+        "shapes_encoder": lambda out: shapes_encoder.pretrain_shapes_encoder(
+            config_module.get_config("align", ["--image_size=32", "--encoder_steps=2", "--device=cpu"]),
+            torch.device("cpu"), str(out / "encoder.pt")),
+        "align": lambda out: align.main([f"--llm_ckpt={llm_ckpt}", "--vision_weights=none", "--projector_hidden=32",
+                                         f"--out_dir={out}", *vlm]),
+        "instruct": lambda out: instruct.main([f"--align_ckpt={align_ckpt}", f"--out_dir={out}", *vlm]),
+    }
+    for phase, main in phases.items():
+        main(tmp_path / phase)
+        log = capsys.readouterr().out
+        steps = [line for line in log.splitlines() if line.startswith("step ")]
+        assert steps and all(" | MFU " in line for line in steps), (phase, log)
+        if phase != "shapes_encoder":  # the LLM's experts report their load, also inside the VLM
+            assert "experts min/max share" in log, (phase, log)
+        ckpt = tmp_path / phase / ("shapes_vit_training" if phase == "shapes_encoder" else "") / "ckpt.pt"
+        assert torch.load(ckpt, weights_only=True)["phase"] == phase
+
+
 def huge_png(path, side=100_000):
     """A tiny file that claims to be a side x side PNG: a decompression bomb as far as a decoder knows."""
     import struct
@@ -1158,3 +1308,590 @@ def test_compiled_model_matches_eager():
     assert compiled_loss.item() == pytest.approx(loss.item(), rel=1e-5)
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, eager[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Issue 13: the scorers behind the headline numbers, and held-out scenes that training never sees
+# ----------------------------------------------------------------------------------------------------------
+
+TWO_SHAPES = {"shapes": [{"kind": "circle", "color": "red", "size": "large", "position": "top left"},
+                         {"kind": "square", "color": "blue", "size": "small", "position": "center"}],
+              "background": (240, 240, 240)}
+NOTHING_RIGHT = {"exact": False, "kind": 0.0, "color": 0.0, "size": 0.0, "position": 0.0, "count": False}
+
+
+@pytest.mark.parametrize("text, expected", [
+    # exact, also without the final full stop and in capitals
+    ("a large red circle in the top left and a small blue square in the center.",
+     {"exact": True, "kind": 1.0, "color": 1.0, "size": 1.0, "position": 1.0, "count": True}),
+    ("A large red circle in the top left and a small blue square in the center",
+     {"exact": True, "kind": 1.0, "color": 1.0, "size": 1.0, "position": 1.0, "count": True}),
+    # the same shapes in another order describe the same scene
+    ("a small blue square in the center and a large red circle in the top left.",
+     {"exact": True, "kind": 1.0, "color": 1.0, "size": 1.0, "position": 1.0, "count": True}),
+    # one attribute of one shape wrong: that shape loses that attribute's point only
+    ("a large green circle in the top left and a small blue square in the center.",
+     {"exact": False, "kind": 1.0, "color": 0.5, "size": 1.0, "position": 1.0, "count": True}),
+    ("a large red circle in the top left and a small blue star in the center.",
+     {"exact": False, "kind": 0.5, "color": 1.0, "size": 1.0, "position": 1.0, "count": True}),
+    # a two-word position wrong: the circle is matched with the leftover shape, right but for its place
+    ("a large red circle in the top right and a small blue square in the center.",
+     {"exact": False, "kind": 1.0, "color": 1.0, "size": 1.0, "position": 0.5, "count": True}),
+    # a shape missing: the missing shape scores nothing
+    ("a small blue square in the center.",
+     {"exact": False, "kind": 0.5, "color": 0.5, "size": 0.5, "position": 0.5, "count": False}),
+    # an extra shape: every true shape is right, but the caption is not exact and the count is wrong
+    ("a large red circle in the top left, a small blue square in the center and a small red star at the bottom.",
+     {"exact": False, "kind": 1.0, "color": 1.0, "size": 1.0, "position": 1.0, "count": False}),
+    # not in the caption form: a synonym, a truncated or an empty generation scores nothing
+    ("a large red circle in the top left and a small blue square in the centre.", NOTHING_RIGHT),
+    ("a large red circle in the top left and a small blue", NOTHING_RIGHT),
+    ("", NOTHING_RIGHT),
+])
+def test_caption_score_on_hand_written_captions(text, expected):
+    assert shapes_world.score_caption(text, TWO_SHAPES) == expected
+
+
+@pytest.mark.parametrize("text, expected, right", [
+    ("bottom left", "bottom left", True), (" two ", "two", True), ("yes", "yes", True),
+    ("bottom", "bottom left", False), ("bottom left", "bottom", False), ("centre", "center", False),
+    ("yes.", "yes", False), ("", "no", False), ("tw", "two", False), ("red circle", "red", False),
+])
+def test_answer_score_on_hand_written_answers(text, expected, right):
+    assert shapes_world.score_answer(text, expected) is right
+
+
+def scenes_in_text(document):
+    """Every shape a Shapes World pretraining document states, read back from its text by patterns written here
+    for each phrasing (an independent reading of what `describe` wrote). Returns a set of shape tuples."""
+    import re
+    kinds, colors = "|".join(shapes_world.KINDS), "|".join(shapes_world.COLORS)
+    places = "|".join(sorted(shapes_world.PLACES.values(), key=len, reverse=True))
+    cells = "|".join(sorted(shapes_world.POSITIONS, key=len, reverse=True))
+    place_to_cell = {v: k for k, v in shapes_world.PLACES.items()}
+    found = set()
+    for size, color, kind, place in re.findall(rf"a (small|large) ({colors}) ({kinds}) ({places})", document):
+        found.add((kind, color, size, place_to_cell[place]))
+    for place, size, color, kind in re.findall(rf"({places}) there is a (small|large) ({colors}) ({kinds})", document):
+        found.add((kind, color, size, place_to_cell[place]))
+    for size, color, kind, cell in re.findall(rf"- (small|large) ({colors}) ({kinds}), ({cells})$", document, re.M):
+        found.add((kind, color, size, cell))
+    for place, size, color, kind in re.findall(rf"the shape ({places}) is a (small|large) ({colors}) ({kinds})",
+                                               document):
+        found.add((kind, color, size, place_to_cell[place]))
+    for kind, place, color, size in re.findall(rf"the ({kinds}) ({places}) is ({colors}) and (small|large)",
+                                               document):
+        found.add((kind, color, size, place_to_cell[place]))
+    return found
+
+
+def scene_key(scene):
+    return frozenset((s["kind"], s["color"], s["size"], s["position"]) for s in scene["shapes"])
+
+
+@pytest.mark.parametrize("seed", [1337, 1, 2])
+def test_no_held_out_scene_is_trained_on(seed):
+    """By content, not by split flag: the scenes every phase scores on (phase-2 captions, phase-3 answers, the
+    copy test) share no scene with anything a phase trains on (the phase-1 corpus, read back from its text;
+    the encoder's, phase 2's and phase 3's training scenes)."""
+    config = dict(CONFIG, seed=seed)
+    held_out = [scene_key(s) for s in align.caption_set(config, "val").scenes[:config["eval_images"]]]
+    held_out += [scene_key(s) for s in instruct.shapes_conversations("val", 100, seed, 64).scenes]
+    held_out += [scene_key(s) for s in shapes_world.make_scenes("val", 60, seed=1)]  # copy test / probe
+    held_out = set(held_out)
+    trained = {scene_key(s) for s in align.caption_set(dict(config, train_images=CONFIG["train_images"]),
+                                                       "train").scenes}
+    trained |= {scene_key(s) for s in instruct.shapes_conversations("train", CONFIG["train_images"], seed, 64).scenes}
+    trained |= {scene_key(s) for s in shapes_world.make_scenes("train", 8000, seed=seed + 1)}  # the encoder's
+    assert len(held_out) > 200 and len(trained) > 20_000
+    assert not held_out & trained
+    documents = shapes_world.text_documents("train", CONFIG["shapes_docs"], seed=seed)
+    for document in documents:
+        shapes = scenes_in_text(document)
+        assert shapes, f"no shape read back from {document!r}: teach scenes_in_text the new phrasing"
+        assert frozenset(shapes) not in held_out, document
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Issue 12: the README's quick start
+# ----------------------------------------------------------------------------------------------------------
+
+# Appended to the README's own commands so that each phase runs in seconds; the commands stay the README's.
+QUICK_START_TINY = {
+    "pretrain.py": ["--shapes_docs=500", "--max_iters=2", "--eval_iters=1", "--batch_size=4"],
+    "align.py": ["--encoder_steps=2", "--train_images=32", "--eval_images=4", "--max_iters=2", "--eval_iters=1",
+                 "--batch_size=4"],
+    "instruct.py": ["--train_images=32", "--eval_images=2", "--max_iters=2", "--eval_iters=1", "--batch_size=4"],
+    "sample.py": ["--max_new_tokens=8"],
+    "caption.py": ["--max_new_tokens=8"],
+}
+
+
+def quick_start_commands(readme):
+    """The commands of the README's quick-start block, in order, each split as a shell would."""
+    import shlex
+    section = readme.split("\n## Quick start\n", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
+
+
+def run_quick_start(readme, workdir):
+    """Run the quick start in a copy of the repository's code, command by command at tiny sizes; the first
+    failure is returned as (command, stderr), else None."""
+    import shutil
+    skip = lambda folder, names: [n for n in names if n in (".git", "out", "__pycache__", ".pytest_cache")
+                                  or folder == os.path.join(REPO, "data") and os.path.isdir(os.path.join(folder, n))]
+    shutil.copytree(REPO, workdir, ignore=skip)  # the code and docs/, without generated data or checkpoints
+    for command in quick_start_commands(readme):
+        if command[:2] == ["pip", "install"]:
+            continue  # this machine has the requirements already
+        assert command[0] == "python", f"the quick start should hold python and pip commands only: {command}"
+        script = command[2] + ".py" if command[1] == "-m" else command[1]
+        extra = QUICK_START_TINY.get(script, []) + (["--device=cpu"] if script in QUICK_START_TINY else [])
+        result = subprocess.run([sys.executable, *command[1:], *extra], cwd=workdir, capture_output=True,
+                                text=True, timeout=300)
+        if result.returncode != 0:
+            return " ".join(command), result.stderr
+    return None
+
+
+def test_readme_quick_start_runs_as_written(tmp_path):
+    """Every command of the README's quick start works, in the README's order, on a copy of the repository
+    with no data or checkpoints yet: a command that needs a file an earlier one did not write fails here."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    commands = quick_start_commands(readme)
+    scripts = [c[1] for c in commands]
+    for phase in ("pretrain.py", "align.py", "instruct.py"):
+        assert phase in scripts, f"the quick start should run {phase}"
+    assert run_quick_start(readme, tmp_path / "repo") is None
+    out = tmp_path / "repo" / "out"
+    for phase in ("pretrain", "align", "instruct"):
+        assert (out / phase / "ckpt.pt").is_file(), f"the quick start did not write out/{phase}/ckpt.pt"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Phase 4: DPO
+# ----------------------------------------------------------------------------------------------------------
+
+import copy  # noqa: E402  (this section's own imports, kept with it)
+
+import dpo  # noqa: E402
+
+
+def tiny_dpo(seed=0, same=False):
+    """A DPO of a tiny VLM (vocabulary of tokenizer_for_tests) and a reference: the same weights (same=True), or
+    the policy's with every LLM and projector weight nudged, so that reference and policy disagree."""
+    policy = tiny_vlm(seed)
+    policy.llm = tiny_model(seed, vocab_size=264, context=64)
+    policy.llm.requires_grad_(True)
+    reference = copy.deepcopy(policy)
+    if not same:
+        with torch.no_grad():
+            for name, param in reference.named_parameters():
+                if not name.startswith("vit."):
+                    param.add_(0.05 * torch.randn_like(param))
+    return dpo.DPO(policy, reference, beta=0.3)
+
+
+def tiny_pairs(tokenizer, n_image_tokens):
+    """Four pairs - two questions in the chat format, two captions in phase 2's - and their padded batch."""
+    pairs = [dpo.Pair(0, "is there a red circle?", "yes", "no", "test"),
+             dpo.Pair(1, "where is the blue star?", "top left", "bottom right", "test"),
+             dpo.Pair(2, None, "a small red circle in the center.", "a large green star on the left.", "test"),
+             dpo.Pair(3, None, "a small blue square at the top.", "a small blue square at the top and a red star.", "test")]
+    features = torch.randn(4, 16, 128)
+    batches = dpo.PreferenceBatches({"train": (pairs, features), "val": (pairs, features)}, tokenizer,
+                                    n_image_tokens, 64, dict(batch_size=4, eval_iters=1, seed=0), torch.device("cpu"))
+    return pairs, batches
+
+
+def hand_logprob(logits_row, targets_row):
+    """sum_t log softmax(logits[t])[target[t]] over the labelled positions, one position at a time."""
+    total = 0.0
+    for t, target in enumerate(targets_row.tolist()):
+        if target != -100:
+            row = logits_row[t].double()
+            total += (row[target] - torch.logsumexp(row, 0)).item()
+    return total
+
+
+def test_dpo_loss_and_margins_match_a_brute_force_from_logits():
+    """Each pair scored alone, row by row, its log-probs summed by hand: the batched forward (chosen and
+    rejected rows stacked, features shared, both models) gives the same margins and loss."""
+    model, tokenizer = tiny_dpo(), tokenizer_for_tests()
+    _, batches = tiny_pairs(tokenizer, model.policy.n_image_tokens)
+    batch = batches.batch("train", [0, 1, 2, 3])
+    margins, loss, _ = model.eval()(**batch)
+    B = 4
+    expected = []
+    for i in range(B):
+        reward = {}
+        for name, net in (("policy", model.policy), ("reference", model.reference)):
+            with torch.no_grad():
+                chosen = net(batch["tokens"][i:i + 1], features=batch["features"][i:i + 1])[0][0]
+                rejected = net(batch["tokens"][B + i:B + i + 1], features=batch["features"][i:i + 1])[0][0]
+            reward[name] = (hand_logprob(chosen, batch["targets"][i]), hand_logprob(rejected, batch["targets"][B + i]))
+        expected.append(0.3 * ((reward["policy"][0] - reward["reference"][0])
+                               - (reward["policy"][1] - reward["reference"][1])))
+    assert margins.tolist() == pytest.approx(expected, abs=1e-4)
+    assert loss.item() == pytest.approx(sum(math.log(1 + math.exp(-m)) for m in expected) / B, abs=1e-5)
+    assert len(set(round(m, 3) for m in expected)) == B  # four different margins: no pair was scored twice
+
+
+def test_dpo_at_step_zero_has_loss_ln_2_and_zero_margins():
+    model, tokenizer = tiny_dpo(same=True), tokenizer_for_tests()
+    _, batches = tiny_pairs(tokenizer, model.policy.n_image_tokens)
+    margins, loss, _ = model.train()(**batches.batch("train", [0, 1, 2, 3]))  # the policy in training mode
+    assert torch.equal(margins, torch.zeros(4))
+    assert loss.item() == pytest.approx(math.log(2), rel=1e-6)
+
+
+def test_summed_logprob_is_a_hand_sum_over_exactly_the_response_tokens():
+    """Each sequence written out by hand, the scored positions counted by hand: those that predict a response
+    token or its end marker. Image, prompt and padding add nothing, however large their logits."""
+    tokenizer = tokenizer_for_tests()
+    e = lambda text: pretrain.encode(tokenizer, text)
+    pairs, batches = tiny_pairs(tokenizer, 4)
+    batch = batches.batch("train", [0, 1, 2, 3])
+    logits = torch.randn(*batch["tokens"].shape, 264)
+    got = dpo.sequence_logprobs(logits, batch["targets"])
+    for row in range(8):
+        pair = pairs[row % 4]
+        response = pair.chosen if row < 4 else pair.rejected
+        if pair.prompt is None:
+            prompt, reply = [BOS_ID] + [IMAGE_ID] * 4, e(response) + [EOS_ID]
+        else:
+            prompt, reply = [BOS_ID, USER_ID] + [IMAGE_ID] * 4 + e(pair.prompt) + [EOT_ID, ASSISTANT_ID], e(response) + [EOT_ID]
+        sequence = prompt + reply
+        assert batch["tokens"][row, :len(sequence) - 1].tolist() == sequence[:-1]
+        scored = range(len(prompt) - 1, len(sequence) - 1)  # position p predicts token p + 1
+        expected = sum(logits[row, p].log_softmax(-1)[sequence[p + 1]].item() for p in scored)
+        assert got[row].item() == pytest.approx(expected, abs=1e-4), row
+        noisy = logits.clone()
+        noisy[row, [p for p in range(logits.shape[1]) if p not in scored]] += 100 * torch.randn(264)
+        assert dpo.sequence_logprobs(noisy, batch["targets"])[row].item() == pytest.approx(expected, abs=1e-4)
+
+
+def test_reference_gets_no_gradient_and_is_bit_identical_after_training(tmp_path):
+    model, tokenizer = tiny_dpo(), tokenizer_for_tests()
+    _, batches = tiny_pairs(tokenizer, model.policy.n_image_tokens)
+    reference_before = {k: v.clone() for k, v in model.reference.state_dict().items()}
+    policy_before = {k: v.clone() for k, v in model.policy.state_dict().items()}
+    history = pretrain.train(dict(caption_config(tmp_path, max_iters=3), lr=1e-3, aux_loss_coef=0.01), model, batches)
+    assert history[-1][1] < history[0][1]  # the policy learns the four pairs
+    for name, value in model.reference.state_dict().items():
+        assert torch.equal(value, reference_before[name]), name
+    assert all(p.grad is None for p in model.reference.parameters())
+    for name, value in model.policy.state_dict().items():  # the LLM and projector train, the encoder does not
+        assert torch.equal(value, policy_before[name]) == name.startswith("vit."), name
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert saved["model"].keys() == model.policy.state_dict().keys()  # a plain VLM checkpoint: no reference
+    assert len(saved["optimizer"]["state"]) == sum(1 for p in model.policy.parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Issue 12: command line and infrastructure
+# ----------------------------------------------------------------------------------------------------------
+
+def config_comments():
+    """{key: meaning} read from config.py's CONFIG lines with a plain regex (a second reading, independent of
+    config.config_table's tokenizer): `    key=value,   # meaning`, plus comment-only continuation lines."""
+    import re
+    text = open(os.path.join(REPO, "config.py")).read()
+    block = text[text.index("\nCONFIG = dict(") + 1:text.index("\n)\n", text.index("\nCONFIG = dict("))]
+    meanings, last = {}, None
+    for line in block.splitlines()[1:]:
+        entry = re.match(r"\s+(\w+)=.*?,\s+#\s*(.*)$", line)
+        if entry:
+            last = entry.group(1)
+            meanings[last] = entry.group(2).strip()
+        elif re.match(r"\s+#\s*---", line):
+            last = None
+        elif re.match(r"\s+#", line) and last:
+            meanings[last] += " " + line.strip().lstrip("#").strip()
+    return meanings
+
+
+SCRIPTS = {  # script -> (its get_config phase, a key only it, among the scripts, must list)
+    "pretrain.py": ("pretrain", "data_dir"), "align.py": ("align", "llm_ckpt"),
+    "instruct.py": ("instruct", "align_ckpt"), "sample.py": ("sample", "prompt"),
+    "caption.py": ("caption", "image"), "export_hf.py": ("export", "ckpt"), "bench.py": ("bench", "rows"),
+    "-m data.prepare_text": ("prepare", "text_source"), "-m data.shapes_world": ("shapes_world", "out_dir"),
+}
+
+
+def test_every_config_key_has_a_meaning_and_help_lists_each_key_a_script_reads(capsys):
+    meanings = config_comments()
+    assert set(meanings) == set(CONFIG), set(CONFIG) ^ set(meanings)   # every key documented where it is set
+    assert all(meanings.values())
+    table = {key: (section, meaning) for section, key, meaning in config_module.config_table()}
+    assert {key: meaning for key, (_, meaning) in table.items()} == meanings
+    for phase, reads in config_module.READS.items():
+        with pytest.raises(SystemExit) as stop:
+            config_module.get_config(phase, ["--help"])
+        assert stop.value.code == 0
+        out = capsys.readouterr().out
+        config = config_module.get_config(phase, [])
+        listed = {line.split("=")[0].strip()[2:] for line in out.splitlines() if line.startswith("  --")}
+        expected = {key for key, (section, _) in table.items() if key in reads or section.split(":")[0] in reads}
+        assert listed == expected, phase
+        for key in expected:
+            value = config[key] if config[key] != "" else '""'
+            assert f"--{key}={value}" in out and meanings[key] in out, (phase, key)
+
+
+def test_every_script_prints_its_keys_on_help_and_one_error_line_on_a_bad_key(tmp_path):
+    """From an empty folder, so that a script that writes files when asked for help is caught (data.shapes_world
+    used to render 12 PNGs into a folder named --help)."""
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    for script, (phase, key) in SCRIPTS.items():
+        args = script.split() if script.startswith("-m") else [os.path.join(REPO, script)]
+        result = subprocess.run([sys.executable, *args, "--help"], cwd=tmp_path, capture_output=True, text=True,
+                                timeout=300, env=env)
+        assert result.returncode == 0 and f"  --{key}=" in result.stdout, (script, result.stderr[-500:])
+        assert os.listdir(tmp_path) == [], (script, os.listdir(tmp_path))
+    for script in ("export_hf.py", "-m data.shapes_world"):  # argparse, and sys.argv[1] as a folder name
+        args = script.split() if script.startswith("-m") else [os.path.join(REPO, script)]
+        result = subprocess.run([sys.executable, *args, "--nope=1"], cwd=tmp_path, capture_output=True,
+                                text=True, timeout=300, env=env)
+        assert (result.returncode, result.stderr.strip().splitlines()) == (
+            1, ["error: unknown config key --nope (--help lists this script's keys; config.py has all)"]), script
+        assert os.listdir(tmp_path) == [], (script, os.listdir(tmp_path))
+
+
+def test_bench_and_export_take_the_common_key_value_forms(tmp_path, capsys):
+    import bench
+    bench.main(["--rows", "cuda", "--device=cpu"])  # "--rows cuda" was an unknown key to bench's own parser
+    out = capsys.readouterr().out
+    assert "skipped: needs CUDA" in out and "training tokens/s" not in out
+    with pytest.raises(ConfigError, match="--rows takes a comma-separated subset"):
+        bench.main(["--rows=training,gpu"])
+    missing = str(tmp_path / "missing.pt")  # export_hf: the positional form and the keys reach the same export
+    for argv in ([missing, str(tmp_path / "hf")], [f"--ckpt={missing}", f"--out_dir={tmp_path / 'hf'}"]):
+        with pytest.raises(pretrain.TrainingError, match="missing.pt"):
+            export_hf.main(argv)
+
+
+def test_one_error_wrapper_turns_each_kind_of_user_error_into_one_line():
+    from data.prepare_text import DataError
+    for kind in (ConfigError, DataError, pretrain.TrainingError, export_hf.ExportError):
+        def main():
+            raise kind("what to do")
+        with pytest.raises(SystemExit) as stop:
+            config_module.run(main)
+        assert stop.value.code == "error: what to do", kind
+    with pytest.raises(ZeroDivisionError):  # a bug is not a user error: it keeps its traceback
+        config_module.run(lambda: 1 / 0)
+
+
+def test_the_test_requirements_install_the_runtime_too():
+    def requirements(name):
+        lines = [line.split("#")[0].strip() for line in open(os.path.join(REPO, name))]
+        found = set()
+        for line in filter(None, lines):
+            found |= requirements(line[3:].strip()) if line.startswith("-r ") else {line}
+        return found
+    assert requirements("requirements.txt") <= requirements("requirements-test.txt")
+
+
+def test_the_seed_preset_writes_and_reads_its_own_folders(capsys):
+    default = {phase: config_module.get_config(phase, []) for phase in ("pretrain", "align", "instruct")}
+    seed = {phase: config_module.get_config(phase, ["--preset=llama4_seed"]) for phase in default}
+    assert [default[p]["out_dir"] for p in default] == ["out/pretrain", "out/align", "out/instruct"]
+    assert [seed[p]["out_dir"] for p in seed] == ["out/seed/pretrain", "out/seed/align", "out/seed/instruct"]
+    assert seed["align"]["llm_ckpt"] == "out/seed/pretrain/ckpt.pt" == seed["pretrain"]["out_dir"] + "/ckpt.pt"
+    assert seed["instruct"]["align_ckpt"] == "out/seed/align/ckpt.pt"
+    assert default["align"]["llm_ckpt"] == "out/pretrain/ckpt.pt"
+    import sample
+    with pytest.raises(pretrain.TrainingError, match="out/seed/pretrain/ckpt.pt"):  # sample.py reads the seed's
+        sample.main(["--preset=llama4_seed", "--prompt=a red", "--device=cpu"])
+
+
+def test_progress_prints_count_rate_and_time_left_on_a_clock():
+    from data.prepare_text import Progress
+    now = [100.0]
+    progress = Progress("encoding", 1000, "images", every=10, clock=lambda: now[0])
+    lines = []
+    import builtins
+    real_print = builtins.print
+    builtins.print = lambda *a, **k: lines.append(" ".join(map(str, a)))
+    try:
+        for t, done in ((5, 100), (10, 250), (15, 300), (130, 900)):
+            now[0] = 100.0 + t
+            progress.update(done)
+    finally:
+        builtins.print = real_print
+    # 250 in 10 s: 25/s, 750 left: 30 s. 900 in 130 s: 6.92/s, 100 left: 14 s.
+    assert lines == ["  encoding: 250/1,000 images (25%), 25/s, 30 s left",
+                     "  encoding: 900/1,000 images (90%), 7/s, 14 s left"]
+
+
+def test_feature_cache_stops_before_writing_more_than_the_disk_holds(tmp_path, monkeypatch):
+    import collections
+    vlm, path = tiny_vlm(), str(tmp_path / "features.npy")
+    transform = align.image_transform(dict(TINY, **VISION))
+    images = [lambda s=s: shapes_world.render(s, 32) for s in shapes_world.make_scenes("train", 5, seed=0)]
+    needed = 5 * 16 * 128 * 2  # 5 images x 16 patch tokens (32 px / 8 px patches, squared) x 128 dims x float16
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(align.shutil, "disk_usage", lambda folder: usage(10**12, 0, needed - 1))
+    with pytest.raises(DataError, match=r"needs 0.0 GB .* --cache_features=False"):
+        align.compute_features(vlm, images, transform, path, torch.device("cpu"), "A")
+    assert not os.path.exists(path)
+    monkeypatch.setattr(align.shutil, "disk_usage", lambda folder: usage(10**12, 0, needed))
+    assert align.compute_features(vlm, images, transform, path, torch.device("cpu"), "A").shape == (5, 16, 128)
+    monkeypatch.setattr(align.shutil, "disk_usage", lambda folder: usage(10**12, 0, 10**10))
+    with pytest.raises(DataError, match="needs 35.6 GB for coco.npy, but . has 10.0 GB free"):
+        align.check_free_space("coco.npy", 118_287 * 196 * 768 * 2)  # COCO train2017 through ViT-B/16
+
+
+class FakeProcessGroup:
+    """torch.distributed as seen by one process of a job: records barriers among the process's events."""
+
+    def __init__(self, events):
+        self.events = events
+
+    def is_initialized(self):
+        return True
+
+    def barrier(self):
+        self.events.append("barrier")
+
+
+@pytest.mark.parametrize("local_rank, first", [("0", True), ("1", False)])
+def test_each_machines_first_process_caches_features_before_the_barrier(tmp_path, monkeypatch, local_rank, first):
+    """A process of global rank 5: the first on its machine (LOCAL_RANK 0) must write the cache before the
+    barrier, since without a shared filesystem no other machine's process writes it for it; any other local
+    rank reads it after the barrier."""
+    events = []
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.setattr(torch, "distributed", FakeProcessGroup(events))
+    real = align.compute_features
+    monkeypatch.setattr(align, "compute_features", lambda *a: events.append("features") or real(*a))
+    vlm = tiny_vlm()
+    vlm.llm = tiny_model(vocab_size=264, context=64)
+    align.CaptionBatches(vlm, tokenizer_for_tests(), caption_config(tmp_path), torch.device("cpu"), rank=5)
+    per_split = ["features", "barrier"] if first else ["barrier", "features"]
+    assert events == per_split * 2
+
+
+def test_one_held_out_rule_for_text_captions_and_conversations(tmp_path, monkeypatch):
+    """With the rule's constant changed, every source follows it: none may hard-code its own 50."""
+    from PIL import Image
+    from data import prepare_text
+    monkeypatch.setattr(prepare_text, "VAL_EVERY", 3)
+    train, val = prepare_text.split_documents([f"doc {i}" for i in range(7)], dict(text_source="test"))
+    assert val == ["doc 2", "doc 5"]
+    for i in range(7):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / f"{i}.png")
+    records = [{"id": i, "image": f"{i}.png", "conversations": [{"from": "human", "value": "<image>q"},
+                                                                 {"from": "gpt", "value": str(i)}]} for i in range(7)]
+    (tmp_path / "chat.json").write_text(json.dumps(records))
+    config = dict(instruct_source=str(tmp_path / "chat.json"), image_folder=str(tmp_path))
+    answers = lambda split: [turns[0][1] for _, turns in instruct.llava_conversations(config, split).pairs]
+    assert (answers("train"), answers("val")) == (["0", "1", "3", "4", "6"], ["2", "5"])
+
+
+def test_shapes_pairs_come_from_training_scenes_and_made_up_captions_differ_by_one_thing(tmp_path):
+    """The chosen caption of every pair names its scene, and hashes into the split the pairs were made for:
+    training pairs never show a held-out scene. A made-up caption parses and differs from the truth in exactly
+    the detail it says it made up."""
+    model, tokenizer = tiny_dpo(), tokenizer_for_tests()
+    cfg = caption_config(tmp_path, pref_scenes=12, eval_images=6, pref_samples=1, caption_corruptions=3)
+    data = dpo.preference_data(model.reference, tokenizer, cfg, torch.device("cpu"), 0)
+    for split, (pairs, features) in data.items():
+        assert len(features) == (12 if split == "train" else 6)
+        assert {p.origin.split()[0] for p in pairs} <= {"own", "made-up"}
+        for pair in pairs:
+            assert pair.chosen != pair.rejected
+            if pair.prompt is None:
+                truth = shapes_world.parse_caption(pair.chosen)
+                assert shapes_world.split_of({"shapes": truth}) == split
+            if pair.origin.startswith("made-up caption"):
+                made_up, what = shapes_world.parse_caption(pair.rejected), pair.origin.split(maxsplit=2)[2]
+                changed = [shape for shape in made_up if shape not in truth]
+                assert len(changed) == 1  # one shape made up, or one shape changed
+                if what == "extra shape":
+                    assert len(made_up) == len(truth) + 1 and all(shape in made_up for shape in truth)
+                    assert (changed[0]["color"], changed[0]["kind"]) not in {(s["color"], s["kind"]) for s in truth}
+                else:  # every other attribute of every shape is as it was
+                    others = lambda shapes: sorted(tuple(v for k, v in sorted(s.items()) if k != what) for s in shapes)
+                    assert len(made_up) == len(truth) and others(made_up) == others(truth)
+        counts = {p.origin.split()[1] for p in pairs if p.origin.startswith("made-up")}
+        assert counts == {"caption", "color", "kind", "count", "position", "exists"} or split == "val"
+
+
+def write_rlaif(tmp_path, n_good=60):
+    """A parquet file in the format of HuggingFaceH4/rlaif-v_formatted: n_good good records (one with its image
+    by path), then six bad ones."""
+    import datasets
+    scenes = write_images(tmp_path / "imgs", n_good)
+    user = lambda text: [{"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": text}]}]
+    reply = lambda text: [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
+    image = lambda i: {"bytes": (tmp_path / "imgs" / f"img{i}.png").read_bytes(), "path": None}
+    record = lambda images, chosen, rejected: dict(images=images, prompt=user("what is in the picture?"),
+                                                    chosen=reply(chosen), rejected=reply(rejected))
+    records = [record([image(i)], shapes_world.caption(s), "a large purple star in the center.")
+               for i, s in enumerate(scenes)]
+    records[1]["images"] = [{"bytes": None, "path": str(tmp_path / "imgs" / "img1.png")}]
+    png = (tmp_path / "imgs" / "img0.png").read_bytes()
+    records += [record([{"bytes": None, "path": str(tmp_path / "gone.png")}], "a", "b"),
+                record([{"bytes": b"this is not a picture", "path": None}], "a", "b"),
+                record([{"bytes": png[:60], "path": None}], "a", "b"),
+                record([], "a", "b"),
+                record([image(0)], "", "b"),
+                record([image(0)], "the same", "the same")]
+    path = tmp_path / "rlaif.parquet"
+    datasets.Dataset.from_list(records).to_parquet(str(path))
+    return path, scenes
+
+
+def test_rlaif_v_parquet_skips_bad_records_loudly_and_trains_one_step(tmp_path, capsys):
+    path, scenes = write_rlaif(tmp_path)
+    cfg = caption_config(tmp_path, max_iters=1, pref_source=str(path))
+    model, tokenizer = tiny_dpo(), tokenizer_for_tests()
+    data = dpo.preference_data(model.reference, tokenizer, cfg, torch.device("cpu"), 0)
+    out = capsys.readouterr().out
+    for number, reason in [(60, "no such image"), (61, "the image cannot be decoded"), (62, "the image cannot be decoded"),
+                           (63, "no image"), (64, "empty chosen response"), (65, "chosen and rejected are the same")]:
+        assert f"skipping record {number} of {path} (train): {reason}" in out, (number, out)
+    assert "skipped 6 of 65 train records" in out
+    (train_pairs, train_features), (val_pairs, _) = data["train"], data["val"]
+    assert (len(train_pairs), len(val_pairs)) == (59, 1)  # record 49 is held out
+    assert val_pairs[0].chosen == shapes_world.caption(scenes[49])
+    assert train_pairs[1].prompt == "<image> what is in the picture?" and train_pairs[1].chosen == shapes_world.caption(scenes[1])
+    features = model.reference.image_features(align.image_transform(cfg)(align.open_image(str(tmp_path / "imgs" / "img1.png")))[None])
+    torch.testing.assert_close(torch.from_numpy(train_features[1].astype(np.float32)), features[0], atol=1e-2, rtol=1e-2)
+    batches = dpo.PreferenceBatches(data, tokenizer, model.policy.n_image_tokens, 64, cfg, torch.device("cpu"))
+    grads = gradients_at_step(lambda: (pretrain.train(cfg, model, batches), model)[1])
+    assert grads and not any(name.startswith("policy.vit.") for name in grads)
+    assert grads["policy.projector.fc1.weight"].abs().sum() > 0
+    assert grads["policy.llm.layers.0.attn.q_proj.weight"].abs().sum() > 0
+
+
+def test_dpo_cli_logs_step_zero_and_after_and_caption_reads_its_checkpoint(tiny_vlm_ckpts, tmp_path):
+    _, instruct_ckpt, _ = tiny_vlm_ckpts
+    out = tmp_path / "dpo"
+    args = ["dpo.py", f"--instruct_ckpt={instruct_ckpt}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2",
+            "--eval_iters=1", "--batch_size=4", "--pref_scenes=6", "--eval_images=4", "--pref_samples=1",
+            "--log_interval=1", "--device=cpu"]
+    result = run(*args)
+    assert result.returncode == 0, result.stderr
+    evals = [line for line in result.stdout.splitlines() if line.startswith("eval step")]
+    assert len(evals) == 2 and evals[0].startswith("eval step 0: val loss 0.6931 |"), result.stdout  # ln 2
+    assert "pref acc 0.000 | margin 0.000" in evals[0] and evals[1].startswith("eval step 2:")
+    for name in ("pref acc", "margin", "answer all", "answer exists", "answer position", "caption exact",
+                 "hallucination"):
+        assert all(f"| {name} " in line for line in evals), name
+    shapes_world.render(shapes_world.make_scenes("test", 1)[0], 64).save(tmp_path / "scene.png")
+    for prompt in ([], ["--prompt", "is there a red circle?"]):
+        ok = run("caption.py", str(tmp_path / "scene.png"), f"--ckpt={out / 'ckpt.pt'}", "--max_new_tokens=5", *prompt)
+        assert ok.returncode == 0 and ok.stderr == "", ok.stderr
+    assert_clean_error(run("dpo.py", f"--instruct_ckpt={tmp_path / 'none.pt'}", f"--out_dir={tmp_path / 'a'}"),
+                       "python instruct.py")
+    assert_clean_error(run(*args[:1], f"--instruct_ckpt={instruct_ckpt}", f"--out_dir={tmp_path / 'a'}",
+                           "--pref_source=nothing.parquet"), "no .parquet files")
+    assert_clean_error(run(*args[:1], f"--instruct_ckpt={instruct_ckpt}", f"--out_dir={tmp_path / 'a'}",
+                           "--pref_source=hf", env={"HF_HUB_OFFLINE": "1"}), "--pref_source=")
+    assert not (tmp_path / "a").exists()

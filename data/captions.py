@@ -8,14 +8,13 @@
 
 Every source becomes a `CaptionSet`: a list of images (loaded lazily, as Pillow images) and a list of
 (image index, caption) pairs, so that a frozen encoder can encode each image once however many captions it
-has. Local sources hold out every 50th image for validation; the Hub's COCO has its own validation split.
+has. Local sources hold out every 50th image for validation (data.prepare_text.held_out); the Hub's COCO
+has its own validation split.
 """
 import os
 
 from data import shapes_world
-from data.prepare_text import DataError
-
-VAL_EVERY = 50
+from data.prepare_text import DataError, held_out
 
 
 class CaptionSet:
@@ -91,7 +90,7 @@ def hub_captions(config, split):
 def local_captions(config, split):
     import datasets
     source = config["caption_source"]
-    keep = (lambda j: j % VAL_EVERY == VAL_EVERY - 1) if split == "val" else (lambda j: j % VAL_EVERY != VAL_EVERY - 1)
+    keep = lambda j: held_out(j) == (split == "val")
     if os.path.isdir(source):
         if not os.path.isfile(os.path.join(source, "metadata.jsonl")):
             raise DataError(f"{source} has no metadata.jsonl (lines of {{\"file_name\": ..., \"text\": ...}})")

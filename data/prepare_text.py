@@ -19,20 +19,60 @@ so only the documents used are downloaded), or local files: `.txt` (documents se
 import glob
 import json
 import os
-import sys
+import time
 
 import numpy as np
+
+from config import UserError
 
 # Special tokens are reserved when the tokenizer is trained, so they get the first ids and no later phase ever
 # has to resize the vocabulary: phase 2 needs <|image|>, phase 3 the chat markers.
 SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<|image|>",
                   "<|user|>", "<|assistant|>", "<|eot|>"]
 BOS_ID, EOS_ID, PAD_ID, IMAGE_ID, USER_ID, ASSISTANT_ID, EOT_ID = range(len(SPECIAL_TOKENS))
-VAL_EVERY = 50  # every 50th document is held out for validation
+VAL_EVERY = 50  # the held-out split, everywhere: documents, caption images and conversations 49, 99, 149, ...
 
 
-class DataError(RuntimeError):
-    """Text that cannot be read or prepared; the message says what to do."""
+def held_out(index):
+    """Whether item `index` (counting from 0) of a source belongs to the validation split."""
+    return index % VAL_EVERY == VAL_EVERY - 1
+
+
+class DataError(UserError, RuntimeError):
+    """Text, images or a cache that cannot be read or prepared; the message says what to do."""
+
+
+class Progress:
+    """A line every `every` seconds while a long job runs, with the count, the rate and the time left:
+        reading HuggingFaceTB/smollm-corpus: 90,000,000/900,000,000 characters (10%), 1,500,000/s, 9 min left
+    A job shorter than `every` seconds prints nothing."""
+
+    def __init__(self, what, total, unit, every=10.0, clock=time.monotonic):
+        self.what, self.total, self.unit, self.every, self.clock = what, total, unit, every, clock
+        self.start = self.last = clock()
+
+    def update(self, done):
+        now = self.clock()
+        if now - self.last >= self.every:
+            self.last = now
+            print(self.line(done, now - self.start), flush=True)
+
+    def line(self, done, elapsed):
+        rate = done / elapsed
+        left = (self.total - done) / rate if rate > 0 else float("inf")
+        return (f"  {self.what}: {done:,}/{self.total:,} {self.unit} ({100 * done / self.total:.0f}%), "
+                f"{rate:,.0f}/s, {duration(left)} left")
+
+
+def duration(seconds):
+    """45 s, 12 min, 3 h 05 min."""
+    if seconds == float("inf"):
+        return "unknown time"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds // 3600:.0f} h {seconds % 3600 / 60:02.0f} min"
 
 
 def train_tokenizer(documents, vocab_size):
@@ -121,7 +161,7 @@ def split_documents(documents, config):
     """Every VAL_EVERY-th document goes to validation; the rest to training."""
     train, val = [], []
     for i, doc in enumerate(documents):
-        (val if i % VAL_EVERY == VAL_EVERY - 1 else train).append(doc)
+        (val if held_out(i) else train).append(doc)
     if not train or not val:
         raise DataError(f"need at least {VAL_EVERY} documents to hold some out for validation, "
                         f"got {len(train) + len(val)} from {config['text_source']}")
@@ -133,8 +173,11 @@ def write_tokens(path, documents, tokenizer, max_tokens=None):
     max_tokens tokens."""
     n_tokens = 0
     tokenizer.encode_special_tokens = True  # "<|image|>" written in a document is text, not the control token
-    with open(path + ".tmp", "wb") as f:
+    progress = Progress(f"encoding {os.path.basename(path)}", len(documents), "documents")
+    tmp = f"{path}.{os.getpid()}.tmp"  # machines that share a disk each prepare (pretrain.once_per_node): own file
+    with open(tmp, "wb") as f:
         for start in range(0, len(documents), 1000):
+            progress.update(start)
             batch = tokenizer.encode_batch(documents[start:start + 1000], add_special_tokens=False)
             ids = [[BOS_ID, *encoding.ids, EOS_ID] for encoding in batch]
             flat = np.fromiter((i for doc in ids for i in doc), dtype=np.uint16)
@@ -145,7 +188,7 @@ def write_tokens(path, documents, tokenizer, max_tokens=None):
             if max_tokens and n_tokens >= max_tokens:
                 break
     tokenizer.encode_special_tokens = False
-    os.replace(path + ".tmp", path)
+    os.replace(tmp, path)
     return n_tokens
 
 
@@ -165,11 +208,13 @@ def read_documents(config):
     if source == "shapes":
         return shapes_documents(config)
     stream = hub_documents(config) if source == "hf" else local_documents(config)
-    documents, n_chars = [], 0
+    documents, n_chars, enough = [], 0, int(4.5 * config["max_tokens"])
+    progress = Progress(f"reading {config['hf_dataset'] if source == 'hf' else source}", enough, "characters")
     for doc in stream:
         documents.append(doc)
         n_chars += len(doc)
-        if n_chars > 4.5 * config["max_tokens"]:
+        progress.update(n_chars)
+        if n_chars > enough:
             if len(documents) < VAL_EVERY:
                 raise DataError(f"--max_tokens={config['max_tokens']} stops reading after {len(documents)} "
                                 f"documents, fewer than the {VAL_EVERY} needed to hold some out; raise it")
@@ -214,8 +259,5 @@ def prepare(config):
 
 
 if __name__ == "__main__":
-    from config import ConfigError, get_config
-    try:
-        prepare(get_config("prepare"))
-    except (ConfigError, DataError) as error:
-        sys.exit(f"error: {error}")
+    from config import get_config, run
+    run(lambda: prepare(get_config("prepare")))

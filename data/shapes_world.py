@@ -25,7 +25,6 @@ import hashlib
 import math
 import os
 import random
-import sys
 
 from PIL import Image, ImageDraw
 
@@ -150,6 +149,12 @@ def score_caption(text: str, scene: dict) -> dict:
         score[attribute] = right / len(true_shapes)
     score["count"] = len(predicted) == len(true_shapes)
     return score
+
+
+def score_answer(text: str, expected: str) -> bool:
+    """A generated answer is right when, stripped of surrounding white space, it is exactly the expected answer:
+    every question has one right form ("bottom left", "two", "yes"), so nothing looser is needed."""
+    return text.strip() == expected
 
 
 # -----------------------------------------------------------------------------
@@ -337,13 +342,14 @@ def text_documents(split: str, n: int, seed: int = 0) -> list:
 
 
 # -----------------------------------------------------------------------------
-# Look at a few scenes: python data/shapes_world.py [out_dir]
+# Look at a few scenes: python -m data.shapes_world [OUT_DIR]   (the key out_dir; --help lists it)
 
-if __name__ == "__main__":
-    out_dir = sys.argv[1] if len(sys.argv) > 1 else "out/shapes_samples"
+def write_samples(out_dir, n=6):
+    """Render n training scenes at 64 and 224 px into out_dir and print each one's caption, questions and a
+    pretraining document."""
     os.makedirs(out_dir, exist_ok=True)
     rng = random.Random(0)
-    for i, scene in enumerate(make_scenes("train", 6)):
+    for i, scene in enumerate(make_scenes("train", n)):
         for size in (64, 224):
             render(scene, size).save(os.path.join(out_dir, f"scene{i}_{size}.png"))
         print(f"scene{i}: {caption(scene)}")
@@ -351,3 +357,8 @@ if __name__ == "__main__":
             print(f"  [{qtype}] {question} -> {answer}")
         print("  document:\n    " + describe(scene, rng).replace("\n", "\n    ") + "\n")
     print(f"images written to {out_dir}/")
+
+
+if __name__ == "__main__":
+    from config import get_config, run
+    run(lambda: write_samples(get_config("shapes_world")["out_dir"]))
