@@ -13,7 +13,6 @@ import contextlib
 import functools
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -21,11 +20,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from config import ConfigError, get_config
+from config import ConfigError, UserError, get_config, run
 from data.prepare_text import BOS_ID, EOS_ID, EOT_ID, DataError, data_settings, prepare
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """A run that cannot go on (a non-finite loss, a checkpoint that does not fit); the message says why."""
 
 
@@ -548,6 +547,18 @@ def setup_device(config):
     return rank, world, device
 
 
+def once_per_node(prepare):
+    """prepare() on each machine's first process (torchrun's LOCAL_RANK 0) while every other process waits,
+    then prepare() on the others, which find the work done and only read it. Per machine, not per job: data
+    and caches are written to a machine's own disk, so under a multi-node torchrun without a shared
+    filesystem each node prepares its own copy. (Without torchrun: prepare() once.)"""
+    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    result = prepare() if first else None
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return result if first else prepare()
+
+
 def autocast_dtype(config, device):
     """The mixed-precision dtype, or None for plain fp32."""
     name = config["dtype"]
@@ -845,11 +856,7 @@ def main(argv=None):
     config = get_config("pretrain", argv)
     rank, world, device = setup_device(config)
     torch.manual_seed(config["seed"])
-    if rank == 0:
-        ensure_text_data(config)
-    if world > 1:
-        torch.distributed.barrier()  # the other ranks wait until rank 0 has prepared the data
-    meta = ensure_text_data(config)
+    meta = once_per_node(lambda: ensure_text_data(config))
     tokenizer = load_tokenizer(config["data_dir"])
     model = Transformer(config)
     if rank == 0:
@@ -864,18 +871,6 @@ def main(argv=None):
     train(config, model, batches, evaluate_extra=copy_test, checkpoint_extra=dict(tokenizer=tokenizer.to_str()))
     if rank == 0:
         print(f"saved {os.path.join(config['out_dir'], 'ckpt.pt')}; try: python sample.py --prompt \"a red\"")
-
-
-def run(main):
-    """Run a phase's main: an expected failure (bad config, data, checkpoint or loss) ends as one error line
-    and exit status 1 instead of a traceback; a DDP process group is always closed."""
-    try:
-        main()
-    except (ConfigError, DataError, TrainingError) as error:
-        sys.exit(f"error: {error}")
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
