@@ -123,7 +123,7 @@ def load_vision_weights(vit, config, device):
     if name == "none":
         return
     if name == "IMAGENET1K_V1":
-        state = imagenet_weights()
+        state = once_per_node(imagenet_weights)  # one download per machine; its other processes read the file
     elif name == "shapes":
         from shapes_encoder import shapes_encoder_weights  # the stand-in for ImageNet, in its own file
         state = shapes_encoder_weights(config, device)
@@ -333,8 +333,8 @@ class CaptionBatches:
         self.device, self.batch_size, self.eval_iters = device, config["batch_size"], config["eval_iters"]
         self.transform = image_transform(config)
         self.sets, self.features, self.sequences = {}, {}, {}
-        for split in ("train", "val"):
-            self.sets[split], self.sequences[split] = examples(split, vlm, tokenizer, config)
+        for split in ("train", "val"):  # a Hub dataset is downloaded once per machine, then read by the others
+            self.sets[split], self.sequences[split] = once_per_node(lambda: examples(split, vlm, tokenizer, config))
             if config["cache_features"]:
                 self.features[split] = self.cached_features(vlm, self.sets[split], split, config, device)
         self.generator = torch.Generator().manual_seed(config["seed"] + rank)

@@ -475,6 +475,19 @@ def test_overfits_one_batch(tmp_path):
     assert history[0][1] > 3.5 and history[-1][1] < 0.05
 
 
+def test_learning_rate_warms_up_decays_by_cosine_and_stays_at_the_floor():
+    """lr_at against values worked by hand: warmup 4 steps to lr 1.0 (step s gives (s + 1) / 4), then half a
+    cosine from 1.0 at step 4 down to min_lr 0.1 at step 14 (max_iters), then 0.1 for any later step."""
+    config = dict(lr=1.0, min_lr=0.1, warmup_iters=4, max_iters=14)
+    hand = {0: 0.25, 1: 0.5, 3: 1.0, 4: 1.0,
+            9: 0.55,                                   # halfway: 0.1 + 0.9 * (1 + cos(pi / 2)) / 2
+            6: 0.1 + 0.45 * (1 + math.cos(math.pi / 5)),  # 2 of 10 decay steps
+            13: 0.1 + 0.45 * (1 + math.cos(math.pi * 0.9)),
+            14: 0.1, 15: 0.1, 100: 0.1}
+    for step, lr in hand.items():
+        assert pretrain.lr_at(step, config) == pytest.approx(lr, abs=1e-12), step
+
+
 def gradients_at_step(run):
     """The gradients the optimizer sees at its (single) step during run(): the quantity DDP and gradient
     accumulation must get right. (Comparing weights after Adam's first step would amplify rounding noise in
@@ -1772,8 +1785,8 @@ def test_each_machines_first_process_caches_features_before_the_barrier(tmp_path
     vlm = tiny_vlm()
     vlm.llm = tiny_model(vocab_size=264, context=64)
     align.CaptionBatches(vlm, tokenizer_for_tests(), caption_config(tmp_path), torch.device("cpu"), rank=5)
-    per_split = ["features", "barrier"] if first else ["barrier", "features"]
-    assert events == per_split * 2
+    per_split = ["barrier", "features", "barrier"] if first else ["barrier", "barrier", "features"]
+    assert events == per_split * 2  # (the first barrier of each split follows its examples, read first per machine)
 
 
 def test_one_held_out_rule_for_text_captions_and_conversations(tmp_path, monkeypatch):
