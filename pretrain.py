@@ -4,16 +4,18 @@
     python pretrain.py --preset=llama4_seed     # the seed's recipe: cosmopedia-v2, 20k steps, bf16 on CUDA
     torchrun --standalone --nproc_per_node=2 pretrain.py   # the same with DistributedDataParallel
 
-Read top to bottom, this file is the course: the tokenizer and the data loader, then the model one box of the
-architecture diagram at a time (RMSNorm, RoPE, attention with GQA and chunking, SwiGLU, mixture of experts,
-the block, the whole model, the KV cache and generation), then the training loop that phases 2 and 3 reuse,
-then main.
+Read top to bottom, this file is the course: the tokenizer and the data loader, then the model one part at a
+time (RMSNorm, RoPE, attention with GQA and chunking, SwiGLU, mixture of experts, the block, the whole model,
+the KV cache and generation), then the training loop that phases 2 and 3 reuse, then main.
+Where sizes are quoted, both models are named: the default (dim 128, 4 layers, 4 query and 2 key/value heads,
+8 experts, top-2) and the seed's recipe (dim 768, 12 layers, 12 and 4 heads, 8 experts, top-2).
 """
 import contextlib
 import functools
 import math
 import os
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -126,7 +128,7 @@ class RMSNorm(nn.Module):
 
 def rms_normalize(x, eps):
     """x / sqrt(mean(x^2) + eps) over the last dimension, in fp32. Without a weight this is Llama 4's "L2 norm"
-    of queries and keys on RoPE layers."""
+    of queries and keys on RoPE layers (see Attention.project)."""
     x32 = x.float()
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
 
@@ -134,7 +136,8 @@ def rms_normalize(x, eps):
 def rope_angles(head_dim, max_len, theta):
     """The rotation of each position, laid out to match the interleaved pairs (dims 2i, 2i+1) of a head:
     pair i turns by pos * theta^(-2i / head_dim), fast for the first pairs and slow for the last.
-    Returns cos (max_len, head_dim) = [c0, c0, c1, c1, ...] and sin = [-s0, s0, -s1, s1, ...]."""
+    Returns cos (max_len, head_dim) = [c0, c0, c1, c1, ...] and sin = [-s0, s0, -s1, s1, ...]: each pair's
+    sine carries the signs of the rotation, so apply_rope needs no subtraction."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (max_len, head_dim / 2)
     cos, sin = torch.cos(angles), torch.sin(angles)
@@ -142,14 +145,22 @@ def rope_angles(head_dim, max_len, theta):
 
 
 def apply_rope(x, cos, sin):
-    """Rotary position embedding on *interleaved* pairs (x0, x1) = dims (2i, 2i+1), as Meta's Llama code does
-    it with complex numbers: (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin). Rotating q and k by their
-    positions makes q·k depend only on the distance between them. Written as x * cos + swap(x) * sin, where
-    swap exchanges the two dims of every pair: four whole-tensor ops, in fp32.
-    x: (B, T, heads, head_dim); cos, sin: (T, head_dim) from rope_angles."""
+    """Rotary position embedding on *interleaved* pairs: dims (2i, 2i+1) of a head are the two coordinates
+    (x0, x1) of one point in a plane, turned by its pair's angle - the layout of Meta's Llama code, which
+    treats each pair as a complex number x0 + i x1 and multiplies it by e^(i angle). (Hugging Face's Llama
+    pairs dim i with dim i + head_dim/2 instead: the same idea, another layout of the weights.)
+    Rotating q and k by their positions makes q·k depend only on the distance between them.
+
+    The rotation (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin) is written x * cos + flip(x) * sin, where flip
+    swaps the two dims of every pair and sin = [-s, s] from rope_angles holds the signs. Worked in 2-D, the
+    point (3, 4) turned by 90 degrees (cos 0, sin 1):
+        x * cos        = (3, 4) * (0, 0)   = ( 0, 0)
+        flip(x) * sin  = (4, 3) * (-1, 1)  = (-4, 3)
+        sum                                = (-4, 3) = (3 cos 90 - 4 sin 90, 4 cos 90 + 3 sin 90), as it should
+    Four whole-tensor ops in fp32, no complex numbers. x: (B, T, heads, head_dim); cos, sin: (T, head_dim)."""
     x32 = x.float()
-    swapped = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)      # (x1, x0) in every pair
-    return (x32 * cos[:, None, :] + swapped * sin[:, None, :]).type_as(x)  # cos, sin broadcast over heads
+    flipped = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)      # (x1, x0) in every pair
+    return (x32 * cos[:, None, :] + flipped * sin[:, None, :]).type_as(x)  # cos, sin broadcast over heads
 
 
 def head_dim_of(config):
@@ -160,7 +171,23 @@ def head_dim_of(config):
 @functools.lru_cache(maxsize=64)
 def attention_mask(length, offset, chunk, device):
     """Boolean (length, offset + length) mask, True where a query may look: keys at or before the query and,
-    when `chunk` is set, in the same chunk of `chunk` positions. Built once per shape and cached."""
+    when `chunk` is set, in the same chunk of `chunk` positions. Built once per shape and cached.
+
+    The two kinds of layer for T = 8 positions and chunk = 4 (x: the query in that row sees the key):
+
+        RoPE layer (chunk 4)          NoPE layer (no chunks)
+        key    0 1 2 3 4 5 6 7        key    0 1 2 3 4 5 6 7
+        q 0    x . . . . . . .        q 0    x . . . . . . .
+        q 1    x x . . . . . .        q 1    x x . . . . . .
+        q 2    x x x . . . . .        q 2    x x x . . . . .
+        q 3    x x x x . . . .        q 3    x x x x . . . .
+        q 4    . . . . x . . .        q 4    x x x x x . . .
+        q 5    . . . . x x . .        q 5    x x x x x x . .
+        q 6    . . . . x x x .        q 6    x x x x x x x .
+        q 7    . . . . x x x x        q 7    x x x x x x x x
+
+    The RoPE layer's mask is two independent causal triangles: query 4 starts afresh and sees only itself.
+    Information crosses chunks only through the NoPE layers."""
     query_pos = torch.arange(offset, offset + length, device=device)[:, None]
     key_pos = torch.arange(offset + length, device=device)[None, :]
     mask = key_pos <= query_pos
@@ -169,10 +196,50 @@ def attention_mask(length, offset, chunk, device):
     return mask
 
 
+def attention_path(T, offset, chunk, cached):
+    """Which of four ways runs attention for T new queries at positions offset .. offset + T - 1 (chunk: the
+    layer's attn_chunk, None on NoPE layers; cached: a KV cache holds the earlier positions). All four give
+    what attention_mask draws; they differ in speed, since the fast kernels want no mask at all:
+
+      path     situation                                          how
+      folded   training: T whole chunks from position 0, no        fold the chunks into the batch (a free
+               cache (RoPE layers only)                            reshape), then plain causal attention
+      causal   from position 0, at most one chunk (or a NoPE       plain causal attention
+               layer, which has no chunks)
+      decode   one new token after a cached prefix                 the cache from the token's chunk start
+                                                                   on, all visible: no mask
+      masked   anything else: a prompt piece after a cached        an explicit mask from attention_mask
+               prefix, a prompt that is not whole chunks
+
+    The chunk boundary while decoding, with chunk 512: the token at position 511 sees keys 0..511 on every
+    layer; the token at position 512 opens the second chunk, so on RoPE layers it sees only itself (its chunk
+    starts at 512 // 512 * 512 = 512) and on NoPE layers all 513 keys 0..512."""
+    if not cached and offset == 0 and chunk and T > chunk and T % chunk == 0:
+        return "folded"
+    if offset == 0 and (chunk is None or T <= chunk):
+        return "causal"
+    if T == 1:
+        return "decode"
+    return "masked"
+
+
+def folded_chunk_attention(q, k, v, chunk):
+    """Causal attention within chunks, for T a multiple of chunk: each chunk is an independent causal sequence,
+    so it becomes a row of the batch. q (B, T, n_heads, head_dim), k and v (B, T, n_kv_heads, head_dim)."""
+    B, T = q.shape[:2]
+    fold = lambda t: t.reshape(B * T // chunk, chunk, *t.shape[2:]).transpose(1, 2)  # (B*T/chunk, heads, chunk, hd)
+    out = F.scaled_dot_product_attention(fold(q), fold(k), fold(v), is_causal=True, enable_gqa=True)
+    return out.transpose(1, 2).reshape(B, T, *q.shape[2:])             # (B, T, n_heads, head_dim)
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention, in one of Llama 4's two kinds of layer (iRoPE).
 
-    GQA: 12 query heads share 4 key/value heads (groups of 3), which shrinks the KV cache 3x at almost no loss.
+    GQA: the n_heads query heads share n_kv_heads key/value heads, in groups of n_heads // n_kv_heads (the
+    default model: 4 and 2, groups of 2; the seed's recipe: 12 and 4, groups of 3), which shrinks the KV cache
+    by that factor at almost no loss. `enable_gqa=True` lets the kernel read each K/V head once per group; it
+    computes exactly what repeating them would, k.repeat_interleave(n_heads // n_kv_heads, dim=1) and the same
+    for v, so that query head h uses K/V head h // group (a test compares the two).
     RoPE layers (3 of every 4): rotate q and k by position, normalise them (the weightless "L2 norm"), and
     attend only within the query's chunk of `attn_chunk` positions - local, cheap, and position-aware.
     NoPE layers (every 4th): no rotation, no q/k norm, attend over the whole causal context - global mixing
@@ -181,12 +248,13 @@ class Attention(nn.Module):
     very long contexts; it is exactly 1 below position floor_scale - 1 (8191), so it matters only there.
     """
 
-    def __init__(self, config, use_rope):
+    def __init__(self, config, use_rope, layer):
         super().__init__()
         self.n_heads, self.n_kv_heads = config["n_heads"], config["n_kv_heads"]
         self.head_dim = head_dim_of(config)
         self.use_rope, self.chunk, self.eps = use_rope, config["attn_chunk"], config["norm_eps"]
         self.attn_scale, self.floor_scale = config["attn_scale"], config["floor_scale"]
+        self.layer = layer  # the block's index: the KV cache keeps this layer's keys and values under it
         dim, kv_dim = config["dim"], self.n_kv_heads * self.head_dim
         self.q_proj = nn.Linear(dim, self.n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(dim, kv_dim, bias=False)
@@ -194,40 +262,47 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=False)
 
     def forward(self, x, rope, cache=None, offset=0):
+        """x: (B, T, dim) at positions offset .. offset + T - 1; the earlier ones are in `cache` when decoding."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)     # (B, T, n_heads, head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
+        q, k, v = self.project(x, rope, offset)
+        chunk = self.chunk if self.use_rope else None                   # NoPE layers see the whole context
+        path = attention_path(T, offset, chunk, cached=cache is not None)
+        if path == "folded":
+            out = folded_chunk_attention(q, k, v, chunk)                # (B, T, n_heads, head_dim)
+        else:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)                 # (B, n_kv_heads, T, head_dim)
+            if cache is not None:
+                k, v = cache.update(self.layer, k, v, offset)           # (B, n_kv_heads, offset + T, head_dim)
+            if path == "decode":  # the new token sees every cached key of its own chunk: keep just those
+                start = offset // chunk * chunk if chunk else 0
+                k, v = k[:, :, start:], v[:, :, start:]
+            mask = attention_mask(T, offset, chunk, x.device) if path == "masked" else None
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask,
+                                                 is_causal=path == "causal", enable_gqa=True)
+            out = out.transpose(1, 2)                                   # (B, T, n_heads, head_dim)
+        return self.o_proj(out.reshape(B, T, -1))
+
+    def project(self, x, rope, offset):
+        """q (B, T, n_heads, head_dim), k and v (B, T, n_kv_heads, head_dim), positioned as this layer's kind wants."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         if self.use_rope:
             cos, sin = rope[0][offset:offset + T], rope[1][offset:offset + T]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            # Llama 4's "L2 norm" (use_qk_norm): every head's q and k divided by its root-mean-square, with no
+            # learnt weight, so each has length sqrt(head_dim) and every attention logit q·k / sqrt(head_dim)
+            # stays within ±sqrt(head_dim): no logit can run away in training. A rotation keeps lengths, so
+            # normalising after it gives the same vectors as before it, up to rounding; after is where Llama 4
+            # puts it. Only RoPE layers have it (Meta does not say why): the global NoPE layers keep logits
+            # that may grow as sharp as picking one key out of a long context needs, and get a temperature.
             q, k = rms_normalize(q, self.eps), rms_normalize(k, self.eps)
         elif offset + T >= self.floor_scale:  # below that every position's temperature is exactly 1
             positions = torch.arange(offset, offset + T, device=x.device, dtype=torch.float32)
             temperature = 1 + self.attn_scale * torch.log(torch.floor((positions + 1) / self.floor_scale) + 1)
             q = (q * temperature[:, None, None]).type_as(q)
-        chunk = self.chunk if self.use_rope else None
-        if cache is None and offset == 0 and chunk and T > chunk and T % chunk == 0:
-            # Training on whole chunks: each chunk is an independent causal sequence, so fold the chunks into
-            # the batch and use plain causal attention (the fast kernels need no mask). A free reshape.
-            fold = lambda t: t.reshape(B * T // chunk, chunk, *t.shape[2:]).transpose(1, 2)
-            out = F.scaled_dot_product_attention(fold(q), fold(k), fold(v), is_causal=True, enable_gqa=True)
-            out = out.transpose(1, 2).reshape(B, T, -1)
-        else:
-            k, v = k.transpose(1, 2), v.transpose(1, 2)                 # (B, n_kv_heads, T, head_dim)
-            if cache is not None:
-                k, v = cache.update(self, k, v, offset)                 # (B, n_kv_heads, offset + T, head_dim)
-            if offset == 0 and (chunk is None or T <= chunk):
-                mask, causal = None, True                               # one chunk: ordinary causal attention
-            elif T == 1:  # decoding one token: it sees every cached key of its own chunk, so no mask is needed
-                start = offset // chunk * chunk if chunk else 0
-                k, v, mask, causal = k[:, :, start:], v[:, :, start:], None, False
-            else:
-                mask, causal = attention_mask(T, offset, chunk, x.device), False
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, is_causal=causal,
-                                                 enable_gqa=True)       # (B, n_heads, T, head_dim)
-            out = out.transpose(1, 2).reshape(B, T, -1)
-        return self.o_proj(out)
+        return q, k, v
 
 
 class FeedForward(nn.Module):
@@ -245,7 +320,7 @@ class FeedForward(nn.Module):
 
 class Experts(nn.Module):
     """n_experts SwiGLU networks stored as stacked weights: gate_proj and up_proj (n_experts, dim, hidden),
-    down_proj (n_experts, hidden, dim). Each expert runs once on the group of tokens routed to it."""
+    down_proj (n_experts, hidden, dim); expert e is slice [e] of each."""
 
     def __init__(self, n_experts, dim, hidden):
         super().__init__()
@@ -253,35 +328,109 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(n_experts, dim, hidden))
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, dim))
 
-    def forward(self, x, group_ends):
-        """x: (routed tokens, dim), sorted by expert; rows group_ends[e-1]:group_ends[e] belong to expert e.
-        F.grouped_mm multiplies each group by its own expert's matrix in one call: no Python loop over
-        experts and no host sync, so it runs as one kernel on the GPU and, in bf16, stays inside the graph
-        that torch.compile builds."""
-        # Autocast does not cover grouped_mm, so cast as it would for a matmul (bf16 under bf16 autocast).
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        # torch.compile lowers grouped_mm for bf16 only; in other dtypes the call breaks the graph and runs eagerly.
-        grouped = grouped_matmul if dtype == torch.bfloat16 else eager_grouped_matmul
-        matmul = lambda a, w: grouped(a.to(dtype), w.to(dtype), group_ends)
-        return matmul(F.silu(matmul(x, self.gate_proj)) * matmul(x, self.up_proj), self.down_proj)
-
-    def for_slots(self, x, experts):
-        """x: (slots, dim), experts: (slots,) the expert of each row. For a handful of rows (decoding one
-        token): gather just the chosen experts' weights and run one batched matmul per projection, instead of
-        a grouped matmul that visits every expert, most of them with no rows."""
-        pick = lambda w: w.index_select(0, experts)                     # (slots, in, out)
-        x = x[:, None]                                                  # (slots, 1, dim)
-        hidden = F.silu(torch.bmm(x, pick(self.gate_proj))) * torch.bmm(x, pick(self.up_proj))
-        return torch.bmm(hidden, pick(self.down_proj))[:, 0]            # (slots, dim)
+    def expert(self, e, x):
+        """Expert e on rows x (rows, dim) -> (rows, dim): the SwiGLU of FeedForward with its own weights."""
+        return (F.silu(x @ self.gate_proj[e]) * (x @ self.up_proj[e])) @ self.down_proj[e]
 
 
-def grouped_matmul(x, weights, group_ends):
-    """Rows group_ends[e-1]:group_ends[e] of x times weights[e], for every expert e, in one call."""
-    return F.grouped_mm(x, weights, offs=group_ends)
+class MoE(nn.Module):
+    """Mixture of experts: a router picks top_k of n_experts SwiGLU networks for each token, and a shared
+    expert sees every token. Parameters grow with n_experts, compute only with top_k: that is the point.
+
+    The idea, one line of forward each:
+      router    a linear layer scores every expert for every token
+      top-k     each token keeps its top_k experts, each with a gate = sigmoid(its score)
+      experts   each chosen expert runs on the token's input scaled by its gate
+      combine   the token's output is the shared expert's plus the sum of its top_k experts'
+    experts_loop writes the experts step as the idea reads, one expert at a time; routed_experts computes the
+    same with sorted rows and grouped matmuls (the speed devices after this class), and a test compares them.
+
+    Gating, Llama 4 against Mixtral: Mixtral takes a softmax over the top_k scores, so the chosen experts
+    share one unit of weight, and scales each expert's *output*: sum_e g_e * expert_e(x). Llama 4 takes an
+    independent sigmoid of each chosen score (no renormalisation: a token may lean on all of its experts, or
+    on none and leave the work to the shared expert) and scales the expert's *input*: sum_e expert_e(g_e * x).
+    A SwiGLU multiplies two projections of its input, so its output grows about as gate^2 (exactly, were
+    silu a ReLU): not the same as scaling the output.
+
+    The balancing loss (Switch Transformer's) is n_experts * sum_i f_i * P_i, f_i the share of routed slots
+    sent to expert i and P_i the router's mean probability of i. The counts behind f_i have no gradient; P_i
+    carries it, and P_i needs a distribution over all the experts - the sigmoids are not one, they need not
+    sum to 1 and could all rise together - so P is a softmax over the same router scores. Its gradient moves
+    probability from busy experts to idle ones; the loss is 1 when the load is even and grows as the router
+    collapses onto a few experts.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_experts, self.top_k = config["n_experts"], config["top_k"]
+        if config["dim"] % 8 or config["moe_hidden"] % 8:
+            raise ConfigError("dim and moe_hidden must be multiples of 8 (grouped matmuls need 16-byte strides)")
+        self.router = nn.Linear(config["dim"], self.n_experts, bias=False)
+        self.experts = Experts(self.n_experts, config["dim"], config["moe_hidden"])
+        self.shared_expert = FeedForward(config["dim"], config["moe_hidden"])
+
+    def forward(self, x):
+        """x (B, T, dim) -> (output (B, T, dim), balancing loss (None outside training: generation skips its
+        ops), routed slots per expert (n_experts,), which evaluation reports)."""
+        B, T, dim = x.shape
+        x = x.reshape(-1, dim)                                          # (N, dim) with N = B * T
+        logits = self.router(x)                                         # router: (N, n_experts)
+        top_logits, top_experts = logits.topk(self.top_k, dim=-1)       # top-k: (N, top_k) each
+        gates = torch.sigmoid(top_logits.float()).type_as(x)            # (N, top_k), each in (0, 1)
+        counts = count_slots(top_experts, self.n_experts)               # (n_experts,)
+        routed = self.routed_experts(x, gates, top_experts, counts)     # experts: (N, dim), top_k summed
+        out = self.shared_expert(x) + routed                            # combine
+        aux_loss = self.balancing_loss(logits, counts) if self.training else None
+        return out.view(B, T, dim), aux_loss, counts
+
+    def experts_loop(self, x, gates, top_experts):
+        """The experts step as the idea reads: for each expert, the tokens that chose it, their inputs scaled by
+        their gates, through the expert, added to those tokens. x (N, dim) -> (N, dim). The reference: slow (a
+        Python loop, and a gather whose size depends on the data, for each expert)."""
+        out = torch.zeros_like(x)
+        for e in range(self.n_experts):
+            token, slot = (top_experts == e).nonzero(as_tuple=True)      # who chose e, as which of its top_k
+            out.index_add_(0, token, self.experts.expert(e, x[token] * gates[token, slot, None]))
+        return out
+
+    def routed_experts(self, x, gates, top_experts, counts):
+        """experts_loop's result, fast: every (token, chosen expert) pair is a row - a slot - and each expert
+        runs once on all of its slots. x (N, dim) -> (N, dim)."""
+        slot_experts = top_experts.flatten()                            # (N * top_k,) expert of each slot
+        # Each token's top_k slots, its input scaled by each slot's gate: (N * top_k, dim); slot s is token
+        # s // top_k's.
+        slots = (x[:, None, :] * gates[:, :, None]).flatten(0, 1)
+        if slot_experts.numel() < self.n_experts:  # a few tokens (decoding): run each slot on its own expert
+            out = gathered_experts(self.experts, slots, slot_experts)
+        else:
+            out = sorted_experts(self.experts, slots, slot_experts, counts)
+        return out.view(-1, self.top_k, x.shape[-1]).sum(1)             # each token's top_k slots summed
+
+    def balancing_loss(self, logits, counts):
+        """n_experts * sum_i f_i * P_i, from the router's logits (N, n_experts) and the slot counts."""
+        slot_share = counts.float() / (logits.shape[0] * self.top_k)    # f_i
+        mean_prob = torch.softmax(logits.float(), dim=-1).mean(0)      # P_i
+        return self.n_experts * (slot_share * mean_prob).sum()
 
 
-eager_grouped_matmul = torch.compiler.disable(grouped_matmul)
+# The speed devices behind MoE.routed_experts -------------------------------------------------------------
+
+def count_slots(top_experts, n_experts):
+    """Routed slots per expert (n_experts,). Not torch.bincount: its output size depends on the data, so on a
+    GPU it waits for the device and under torch.compile it splits the graph; scatter_add into n_experts bins
+    does not."""
+    slot_experts = top_experts.flatten()
+    return slot_experts.new_zeros(n_experts).scatter_add_(0, slot_experts, torch.ones_like(slot_experts))
+
+
+def sorted_experts(experts, slots, slot_experts, counts):
+    """Every slot through its own expert: sort the slots by expert so that each expert's slots are one block
+    of rows, run every block through its expert with grouped matmuls, and put the rows back in slot order.
+    slots (S, dim), slot_experts (S,), counts (n_experts,) -> (S, dim)."""
+    order = slot_experts.argsort(stable=True)
+    back = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=slots.device))  # inverse
+    out = grouped_experts(experts, permute_rows(slots, order, back), counts.cumsum(0).to(torch.int32))
+    return permute_rows(out, back, order)
 
 
 class PermuteRows(torch.autograd.Function):
@@ -303,59 +452,50 @@ class PermuteRows(torch.autograd.Function):
 permute_rows = PermuteRows.apply
 
 
-class MoE(nn.Module):
-    """Mixture of experts: a router picks top_k of n_experts SwiGLU networks for each token, and a shared
-    expert sees every token. Parameters grow with n_experts, compute only with top_k: that is the point.
+def grouped_experts(experts, x, group_ends):
+    """x: (slots, dim), sorted by expert; rows group_ends[e-1]:group_ends[e] belong to expert e.
+    F.grouped_mm multiplies each group by its own expert's matrix in one call: no Python loop over
+    experts and no host sync, so it runs as one kernel on the GPU and, in bf16, stays inside the graph
+    that torch.compile builds."""
+    # Autocast does not cover grouped_mm, so cast as it would for a matmul (bf16 under bf16 autocast).
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    # torch.compile lowers grouped_mm for bf16 only; in other dtypes the call breaks the graph and runs eagerly.
+    grouped = grouped_matmul if dtype == torch.bfloat16 else eager_grouped_matmul
+    matmul = lambda a, w: grouped(a.to(dtype), w.to(dtype), group_ends)
+    return matmul(F.silu(matmul(x, experts.gate_proj)) * matmul(x, experts.up_proj), experts.down_proj)
 
-    Llama 4's routing: gate = sigmoid(router logit) of each chosen expert (no renormalisation over the top-k),
-    and the gate scales the expert's *input*. Only the routed (token, expert) pairs are computed: tokens are
-    sorted by expert, each expert runs once on its group, and the results are added back to their tokens.
-    The Switch load-balancing loss n_experts * sum_i f_i * P_i (f_i: share of routed slots sent to expert i,
-    P_i: mean router probability of i) is 1 when the load is even and grows as the router collapses.
-    """
 
-    def __init__(self, config):
-        super().__init__()
-        self.n_experts, self.top_k = config["n_experts"], config["top_k"]
-        if config["dim"] % 8 or config["moe_hidden"] % 8:
-            raise ConfigError("dim and moe_hidden must be multiples of 8 (grouped matmuls need 16-byte strides)")
-        self.router = nn.Linear(config["dim"], self.n_experts, bias=False)
-        self.experts = Experts(self.n_experts, config["dim"], config["moe_hidden"])
-        self.shared_expert = FeedForward(config["dim"], config["moe_hidden"])
-        self.tokens_per_expert = None  # the last forward's routed-slot counts, read by evaluation
+def grouped_matmul(x, weights, group_ends):
+    """Rows group_ends[e-1]:group_ends[e] of x times weights[e], for every expert e, in one call."""
+    return F.grouped_mm(x, weights, offs=group_ends)
 
-    def forward(self, x):
-        B, T, dim = x.shape
-        x = x.reshape(-1, dim)                                          # (N, dim) with N = B * T
-        logits = self.router(x)                                         # (N, n_experts)
-        top_logits, top_experts = logits.topk(self.top_k, dim=-1)       # (N, top_k) each
-        gates = torch.sigmoid(top_logits.float()).type_as(x)
-        slot_experts = top_experts.flatten()                            # (N * top_k,) expert of each slot
-        # Routed slots per expert. Not torch.bincount: its output size depends on the data, so on a GPU it
-        # waits for the device and under torch.compile it splits the graph; scatter_add into n_experts bins
-        # does not.
-        ones = torch.ones_like(slot_experts)
-        counts = slot_experts.new_zeros(self.n_experts).scatter_add_(0, slot_experts, ones)
-        self.tokens_per_expert = counts.detach()
-        # Each token's top_k slots, its input scaled by each slot's gate: (N * top_k, dim); slot s is token
-        # s // top_k's.
-        slots = (x[:, None, :] * gates[:, :, None]).flatten(0, 1)
-        if slot_experts.numel() < self.n_experts:  # a few tokens (decoding): run each slot on its own expert
-            routed_out = self.experts.for_slots(slots, slot_experts)
-        else:  # sort the slots by expert, run each expert once on its group, and unsort
-            order = slot_experts.argsort(stable=True)
-            back = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=x.device))  # inverse
-            routed_out = self.experts(permute_rows(slots, order, back), counts.cumsum(0).to(torch.int32))
-            routed_out = permute_rows(routed_out, back, order)
-        # Each token's output: the shared expert's plus the sum of its top_k routed experts'.
-        out = self.shared_expert(x) + routed_out.view(-1, self.top_k, dim).sum(1)
-        if not self.training:  # the balancing loss only matters for training; generation skips its ops
-            return out.view(B, T, dim), None
-        slot_share = counts.float() / slot_experts.numel()             # f_i
-        mean_prob = torch.softmax(logits.float(), dim=-1).mean(0)      # P_i
-        aux_loss = self.n_experts * (slot_share * mean_prob).sum()
-        return out.view(B, T, dim), aux_loss
 
+eager_grouped_matmul = torch.compiler.disable(grouped_matmul)
+
+
+def gathered_experts(experts, x, slot_experts):
+    """x: (slots, dim), slot_experts: (slots,) the expert of each row. For a handful of rows (decoding one
+    token): gather just the chosen experts' weights and run one batched matmul per projection, instead of
+    grouped matmuls that visit every expert, most of them with no rows."""
+    pick = lambda w: w.index_select(0, slot_experts)                    # (slots, in, out)
+    x = x[:, None]                                                      # (slots, 1, dim)
+    hidden = F.silu(torch.bmm(x, pick(experts.gate_proj))) * torch.bmm(x, pick(experts.up_proj))
+    return torch.bmm(hidden, pick(experts.down_proj))[:, 0]             # (slots, dim)
+
+
+# Which layers are which (Block): layer i has an MoE when (i + 1) % moe_every == 0, and NoPE attention when
+# (i + 1) % nope_every == 0. With moe_every=2 and nope_every=4, the default and the seed's:
+#
+#   layer           0      1      2      3             the default model: 4 layers
+#   attention       RoPE   RoPE   RoPE   NoPE
+#   feed-forward    dense  MoE    dense  MoE
+#
+#   layer           0 1 2 3 4 5 6 7 8 9 10 11          the seed's recipe: 12 layers, the same 4 three times
+#   attention       R R R N R R R N R R R  N
+#   feed-forward    d M d M d M d M d M d  M
+#
+# `python pretrain.py` prints the strip of the model it builds.
 
 class Block(nn.Module):
     """One pre-norm decoder layer: h = x + attn(norm(x)); out = h + ffn(norm(h)). The FFN is an MoE on every
@@ -366,16 +506,17 @@ class Block(nn.Module):
         self.is_moe = (layer + 1) % config["moe_every"] == 0
         self.use_rope = (layer + 1) % config["nope_every"] != 0
         self.attn_norm = RMSNorm(config["dim"], config["norm_eps"])
-        self.attn = Attention(config, self.use_rope)
+        self.attn = Attention(config, self.use_rope, layer)
         self.ffn_norm = RMSNorm(config["dim"], config["norm_eps"])
         self.ffn = MoE(config) if self.is_moe else FeedForward(config["dim"], config["ffn_hidden"])
 
     def forward(self, x, rope, cache=None, offset=0):
+        """-> (output, the MoE's balancing loss or None, its routed slots per expert or None)."""
         h = x + self.attn(self.attn_norm(x), rope, cache, offset)
         if self.is_moe:
-            ffn_out, aux_loss = self.ffn(self.ffn_norm(h))
-            return h + ffn_out, aux_loss
-        return h + self.ffn(self.ffn_norm(h)), None
+            ffn_out, aux_loss, counts = self.ffn(self.ffn_norm(h))
+            return h + ffn_out, aux_loss, counts
+        return h + self.ffn(self.ffn_norm(h)), None, None
 
 
 class Transformer(nn.Module):
@@ -407,27 +548,33 @@ class Transformer(nn.Module):
             out_proj = module.o_proj if isinstance(module, Attention) else module.down_proj
             nn.init.normal_(out_proj.weight, std=residual_std)
 
-    def forward(self, tokens=None, targets=None, embeds=None, cache=None):
+    def forward(self, tokens=None, targets=None, embeds=None, cache=None, expert_counts=False):
         """tokens: (B, T) ids, or embeds: (B, T, dim) ready-made input vectors (phase 2 puts image features
         among them). targets: (B, T) next-token ids, -100 where no loss is taken.
-        Returns (logits (B, T, vocab), language-model loss or None, mean MoE load-balancing loss or None)."""
+        Returns (logits (B, T, vocab), language-model loss or None, mean MoE load-balancing loss or None); with
+        expert_counts=True a fourth item, the routed slots per expert of every MoE layer (n_moe_layers,
+        n_experts), or None for a model without MoE layers."""
         x = self.embed_tokens(tokens) if embeds is None else embeds    # (B, T, dim)
         offset = cache.length if cache is not None else 0
         if offset + x.shape[1] > self.config["context"]:
             raise ValueError(f"sequence of {offset + x.shape[1]} tokens exceeds the context of "
                              f"{self.config['context']}")
-        aux_losses = []
+        aux_losses, counts = [], []
         for layer in self.layers:
-            x, aux_loss = layer(x, (self.rope_cos, self.rope_sin), cache, offset)
+            x, aux_loss, layer_counts = layer(x, (self.rope_cos, self.rope_sin), cache, offset)
             if aux_loss is not None:
                 aux_losses.append(aux_loss)
+            if layer_counts is not None:
+                counts.append(layer_counts)
         if cache is not None:
             cache.length += x.shape[1]
         logits = self.lm_head(self.norm(x))                           # (B, T, vocab)
-        if targets is None:
-            return logits, None, None
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-        aux = torch.stack(aux_losses).mean() if aux_losses else torch.zeros((), device=x.device)
+        loss = aux = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            aux = torch.stack(aux_losses).mean() if aux_losses else torch.zeros((), device=x.device)
+        if expert_counts:
+            return logits, loss, aux, (torch.stack(counts) if counts else None)
         return logits, loss, aux
 
 
@@ -467,21 +614,23 @@ class KVCache:
         config, device = model.config, model.lm_head.weight.device
         shape = (batch_size, config["n_kv_heads"], max_len, head_dim_of(config))
         dtype = dtype or model.lm_head.weight.dtype
-        self.keys = {id(l.attn): torch.zeros(shape, device=device, dtype=dtype) for l in model.layers}
-        self.values = {id(l.attn): torch.zeros(shape, device=device, dtype=dtype) for l in model.layers}
-        self.length = 0
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in model.layers]   # one per layer
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in model.layers]
+        self.length = 0  # positions cached so far; Transformer.forward advances it once all layers have run
 
-    def update(self, attn, k, v, offset):
-        """Store this step's k, v (B, n_kv_heads, T, head_dim) at `offset`; return all keys and values so far."""
+    def update(self, layer, k, v, offset):
+        """Store layer number `layer`'s k, v (B, n_kv_heads, T, head_dim) at `offset`; return its keys and
+        values so far, (B, n_kv_heads, offset + T, head_dim) each."""
         end = offset + k.shape[2]
-        self.keys[id(attn)][:, :, offset:end] = k
-        self.values[id(attn)][:, :, offset:end] = v
-        return self.keys[id(attn)][:, :, :end], self.values[id(attn)][:, :, :end]
+        self.keys[layer][:, :, offset:end] = k
+        self.values[layer][:, :, offset:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
 def sample_next(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
     """Pick the next token from logits (B, vocab): greedy when temperature is 0, else sample after
-    temperature scaling, top-k and top-p (nucleus) filtering."""
+    temperature scaling, top-k and top-p (nucleus) filtering. Top-k keeps every logit at least as large as the
+    k-th largest, so tokens tied with the k-th all stay (as transformers' top-k does)."""
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -627,18 +776,21 @@ def load_model_state(model, state_dict, path):
 
 @torch.no_grad()
 def evaluate(model, batches, autocast):
-    """Mean validation loss over the fixed eval batches, and the experts' share of routed slots."""
+    """Mean validation loss over the fixed eval batches, and each MoE layer's share of routed slots per expert
+    (n_moe_layers, n_experts), or None for a model without experts."""
     model.eval()
-    losses, counts = [], {}
+    has_experts = any(isinstance(module, MoE) for module in model.modules())
+    losses, counts = [], 0
     for batch in batches.eval_batches():
         with autocast:
-            _, loss, _ = model(**batch)
+            if has_experts:  # the model returns its layers' slot counts as a fourth item
+                _, loss, _, batch_counts = model(**batch, expert_counts=True)
+                counts = counts + batch_counts.float()
+            else:
+                _, loss, _ = model(**batch)
         losses.append(loss.float())
-        for name, module in model.named_modules():
-            if isinstance(module, MoE):
-                counts[name] = counts.get(name, 0) + module.tokens_per_expert.float()
     model.train()
-    shares = torch.stack([c / c.sum() for c in counts.values()]) if counts else None
+    shares = counts / counts.sum(-1, keepdim=True) if has_experts else None
     return torch.stack(losses).mean().item(), shares
 
 
@@ -669,145 +821,195 @@ def flops_per_token(config):
     return 6 * matmul_params + attention
 
 
-def train(config, model, batches, evaluate_extra=None, lr_scale=None, checkpoint_extra=None):
-    """The hand-written training loop shared by every phase.
+class TrainingRun(NamedTuple):
+    """What resume and evaluate_and_save need of a run besides its step; train builds it once."""
+    config: dict
+    model: nn.Module            # the model itself (not its torch.compile or DDP wrapper): saved and evaluated
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    batches: object
+    autocast: object
+    rank: int
+    world: int
+    evaluate_extra: object      # model -> {metric: value}, or None
+    checkpoint_extra: dict      # more entries for every checkpoint, or None
+    path: str                   # <out_dir>/ckpt.pt
+
+
+def train(config, model, batches, evaluate_extra=None, lr_scale=None, checkpoint_extra=None, flops_per_token=0):
+    """The hand-written training loop shared by every phase: nanoGPT's, stage by stage.
 
     model(**batch) must return (logits, loss, aux_loss or None); batches gives .next("train"), .eval_batches(),
     .state_dict() and .load_state_dict(). evaluate_extra(model) may add metrics (e.g. caption accuracy) to
-    each evaluation.
-    Returns the list of (step, training loss) pairs, for tests.
+    each evaluation; checkpoint_extra adds entries to every checkpoint. flops_per_token is the model's
+    training FLOPs per token (per sample when the batches hold no "tokens"): on a GPU whose peak peak_flops
+    knows, the log shows MFU; 0 leaves it out. Returns the list of (step, training loss) pairs, for tests.
     """
     rank, world, device = setup_device(config)
-    master = rank == 0
-    model.to(device)
-    raw_model = model
+    raw_model = model.to(device)
     amp_dtype = autocast_dtype(config, device)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # a no-op but in fp16
     optimizer = make_optimizer(raw_model, config, device, lr_scale)
     ckpt_path = os.path.join(config["out_dir"], "ckpt.pt")
-    step, best_val, history = 0, float("inf"), []
-    if config["resume"]:
-        state = load_checkpoint(ckpt_path, make_it="the same command without --resume=True")
-        load_model_state(raw_model, state["model"], ckpt_path)
-        settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-        except ValueError as error:  # another number or size of parameter groups
-            raise TrainingError(f"{ckpt_path}'s optimizer state does not fit this run ({error}); resume "
-                                f"with the settings it was trained with (e.g. --weight_decay, "
-                                f"--projector_lr_scale)") from None
-        for group, setting in zip(optimizer.param_groups, settings):
-            group.update(setting)  # this run's weight decay, betas and lr scale, not the saved ones
-        data_states = state["batches"]  # a list with one state per rank: each rank draws its own data
-        data_states = data_states if isinstance(data_states, list) else [data_states]  # older checkpoints
-        if len(data_states) == world:
-            batches.load_state_dict(data_states[rank])
-        elif master:
-            print(f"note: {ckpt_path} was saved by {len(data_states)} process(es), this run has {world}: "
-                  f"every rank restarts its data order from its seed", flush=True)
-        torch.set_rng_state(state["rng"])
-        if state.get("scaler"):  # fp16's loss scale, as it had adapted
-            scaler.load_state_dict(state["scaler"])
-        step, best_val = state["step"], state["best_val_loss"]
-        if master:
-            print(f"resumed from {ckpt_path} at step {step}", flush=True)
+    training = TrainingRun(config, raw_model, optimizer, scaler, batches, autocast, rank, world, evaluate_extra,
+                           checkpoint_extra, ckpt_path)
+    step, best_val = resume(training) if config["resume"] else (0, float("inf"))
     if config["compile"]:
         model = torch.compile(model)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    mfu_denominator = peak_flops(device)
-    flops = flops_per_token(raw_model.config) if mfu_denominator else 0
-
-    def checkpoint(val_loss, data_states):
-        state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), config=config, step=step,
-                     best_val_loss=best_val, val_loss=val_loss, rng=torch.get_rng_state(),
-                     scaler=scaler.state_dict(), batches=data_states, **(checkpoint_extra or {}))
-        save_checkpoint(ckpt_path, state)
-
-    def run_eval():
-        nonlocal best_val
-        val_loss, shares = evaluate(raw_model, batches, autocast)
-        if not math.isfinite(val_loss):
-            raise TrainingError(f"validation loss is {val_loss} at step {step}; the last good checkpoint "
-                                f"({ckpt_path}) is kept. Try a lower --lr.")
-        best_val = min(best_val, val_loss)
-        extra = evaluate_extra(raw_model) if evaluate_extra else {}
-        # Rank 0 writes the checkpoint, but every rank's data order must be in it for a resume to continue.
-        data_states = [batches.state_dict()]
-        if world > 1:
-            data_states = [None] * world
-            torch.distributed.all_gather_object(data_states, batches.state_dict())
-        if master:
-            usage = f" | experts min/max share {shares.min():.3f}/{shares.max():.3f}" if shares is not None else ""
-            metrics = "".join(f" | {k} {v:.3f}" for k, v in extra.items())
-            print(f"eval step {step}: val loss {val_loss:.4f} | perplexity {math.exp(min(val_loss, 50)):.2f}"
-                  f"{usage}{metrics}", flush=True)
-            checkpoint(val_loss, data_states)
-
+    peak = peak_flops(device) if flops_per_token else None  # MFU's denominator
+    accum, start_step, history = config["grad_accum_steps"], step, []
     raw_model.train()
-    start_step, t0, started, processed = step, time.time(), time.time(), 0
+    t0, started, processed = time.time(), time.time(), 0
     while step < config["max_iters"]:
+        # --- evaluate and save, every eval_interval steps (a resumed run does not redo its first) ---
         if step % config["eval_interval"] == 0 and step > start_step:
-            run_eval()
+            best_val = evaluate_and_save(training, step, best_val)
             t0, processed = time.time(), 0  # keep evaluation time out of the tokens/s figure
+        # --- learning rate of this step ---
         lr = lr_at(step, config)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
-        for micro_step in range(config["grad_accum_steps"]):
+        losses, aux_losses = [], []  # each micro-batch's, for the log
+        for micro_step in range(accum):
+            # --- data ---
             batch = batches.next("train")
             processed += batch["tokens"].numel() if "tokens" in batch else len(next(iter(batch.values())))
-            last = micro_step == config["grad_accum_steps"] - 1
             # DDP all-reduces gradients on every backward; skip it on all but the last micro-step.
-            sync = model.no_sync() if world > 1 and not last else contextlib.nullcontext()
+            sync = model.no_sync() if world > 1 and micro_step < accum - 1 else contextlib.nullcontext()
             with sync:
+                # --- forward ---
                 with autocast:
                     _, loss, aux_loss = model(**batch)
                     total = loss if aux_loss is None else loss + config["aux_loss_coef"] * aux_loss
-                    total = total / config["grad_accum_steps"]
+                    # loss is this micro-batch's mean over its own counted targets (those not -100), so the
+                    # step's gradient is the mean of the micro-batch means: the mean over all targets when
+                    # every micro-batch counts as many (text windows), not quite when they differ (captions
+                    # and chats of different lengths), where a target of a short micro-batch weighs more.
+                    total = total / accum
+                # --- backward: gradients add up over the micro-steps ---
                 scaler.scale(total).backward()
-        loss_value = loss.detach().float()
-        if world > 1:  # the mean over ranks: it is what gets logged, and a NaN on one rank stops every rank
-            torch.distributed.all_reduce(loss_value)
-            loss_value /= world
-        loss_value = loss_value.item()
+            losses.append(loss.detach())
+            if aux_loss is not None:
+                aux_losses.append(aux_loss.detach())
+        loss_value = mean_over_ranks(losses, world)  # the step's training loss: its micro-batches' mean
         if not math.isfinite(loss_value):
             raise TrainingError(f"loss is {loss_value} at step {step}; stopped, and the last good checkpoint "
                                 f"({ckpt_path}) is kept. Try a lower --lr or --dtype=float32.")
+        # --- clip ---
         if config["grad_clip"] > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config["grad_clip"])
+        # --- step ---
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         history.append((step, loss_value))
         step += 1
-        if master and (step % config["log_interval"] == 0 or step == 1):
-            speed, t0, processed = processed * world / (time.time() - t0), time.time(), 0
-            aux = f" | aux {aux_loss.item():.3f}" if aux_loss is not None else ""
+        # --- log ---
+        if rank == 0 and (step % config["log_interval"] == 0 or step == 1):
+            speed, t0, processed = processed * world / (time.time() - t0), time.time(), 0  # all ranks' together
+            aux = f" | aux {torch.stack(aux_losses).mean().item():.3f}" if aux_losses else ""
             unit = "tok/s" if "tokens" in batch else "samples/s"
             line = f"step {step:>6} | loss {loss_value:.4f}{aux} | lr {lr:.2e} | {speed:,.0f} {unit}"
-            if mfu_denominator:  # only for GPUs whose peak FLOP/s peak_flops knows; speed is all GPUs'
-                line += f" | MFU {100 * speed * flops / (world * mfu_denominator):.1f}%"
+            if peak:  # only for GPUs whose peak FLOP/s peak_flops knows
+                line += f" | MFU {100 * speed * flops_per_token / (world * peak):.1f}%"
             if device.type == "cuda":
                 line += f" | mem {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
             print(line, flush=True)
-        if config["max_seconds"]:
-            out_of_time = time.time() - started > config["max_seconds"]
-            if world > 1:  # every rank must stop at the same step (or the others wait forever in an all-reduce)
-                flag = torch.tensor(float(out_of_time), device=device)
-                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # any rank's clock
-                out_of_time = bool(flag.item())
-            if out_of_time:
-                if master:
-                    print(f"stopping at step {step}: max_seconds={config['max_seconds']} reached", flush=True)
-                break
+        if out_of_time(config, started, device, world):
+            if rank == 0:
+                print(f"stopping at step {step}: max_seconds={config['max_seconds']} reached", flush=True)
+            break
+    # --- the last evaluation and checkpoint ---
     if step > start_step or not os.path.exists(ckpt_path):
-        run_eval()
+        evaluate_and_save(training, step, best_val)
     if world > 1:
         torch.distributed.barrier()
     return history
+
+
+def resume(training):
+    """Load training.path into the model, the optimizer, the fp16 loss scaler, the batches (each rank its own
+    data order) and torch's random state; returns the (step, best val loss) to continue from."""
+    path, optimizer, rank, world = training.path, training.optimizer, training.rank, training.world
+    state = load_checkpoint(path, make_it="the same command without --resume=True")
+    load_model_state(training.model, state["model"], path)
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError as error:  # another number or size of parameter groups
+        raise TrainingError(f"{path}'s optimizer state does not fit this run ({error}); resume with the "
+                            f"settings it was trained with (e.g. --weight_decay, --projector_lr_scale)") from None
+    for group, setting in zip(optimizer.param_groups, settings):
+        group.update(setting)  # this run's weight decay, betas and lr scale, not the saved ones
+    data_states = state["batches"]  # a list with one state per rank: each rank draws its own data
+    data_states = data_states if isinstance(data_states, list) else [data_states]  # older checkpoints
+    if len(data_states) == world:
+        training.batches.load_state_dict(data_states[rank])
+    elif rank == 0:
+        print(f"note: {path} was saved by {len(data_states)} process(es), this run has {world}: every rank "
+              f"restarts its data order from its seed", flush=True)
+    torch.set_rng_state(state["rng"])
+    if state.get("scaler"):  # fp16's loss scale, as it had adapted
+        training.scaler.load_state_dict(state["scaler"])
+    if rank == 0:
+        print(f"resumed from {path} at step {state['step']}", flush=True)
+    return state["step"], state["best_val_loss"]
+
+
+def evaluate_and_save(training, step, best_val):
+    """Evaluate (val loss, expert shares, evaluate_extra's metrics), log it and write the checkpoint on rank 0;
+    returns the best val loss so far. A non-finite val loss stops the run and keeps the last checkpoint."""
+    model, batches, path = training.model, training.batches, training.path
+    val_loss, shares = evaluate(model, batches, training.autocast)
+    if not math.isfinite(val_loss):
+        raise TrainingError(f"validation loss is {val_loss} at step {step}; the last good checkpoint ({path}) "
+                            f"is kept. Try a lower --lr.")
+    best_val = min(best_val, val_loss)
+    extra = training.evaluate_extra(model) if training.evaluate_extra else {}
+    # Rank 0 writes the checkpoint, but every rank's data order must be in it for a resume to continue.
+    data_states = [batches.state_dict()]
+    if training.world > 1:
+        data_states = [None] * training.world
+        torch.distributed.all_gather_object(data_states, batches.state_dict())
+    if training.rank == 0:
+        usage = f" | experts min/max share {shares.min():.3f}/{shares.max():.3f}" if shares is not None else ""
+        metrics = "".join(f" | {k} {v:.3f}" for k, v in extra.items())
+        print(f"eval step {step}: val loss {val_loss:.4f} | perplexity {math.exp(min(val_loss, 50)):.2f}"
+              f"{usage}{metrics}", flush=True)
+        config = training.config
+        save_checkpoint(path, dict(  # the phase that wrote it first; phases 2 and 3 add llm_config, tokenizer
+            phase=config.get("phase"), model=model.state_dict(), optimizer=training.optimizer.state_dict(),
+            config=config, step=step, best_val_loss=best_val, val_loss=val_loss, rng=torch.get_rng_state(),
+            scaler=training.scaler.state_dict(), batches=data_states, **(training.checkpoint_extra or {})))
+    return best_val
+
+
+def mean_over_ranks(losses, world):
+    """The mean of a step's micro-batch losses over every rank, as a float. Every rank gets the same value,
+    so a NaN on one rank stops every rank."""
+    mean = torch.stack(losses).float().mean()
+    if world > 1:
+        torch.distributed.all_reduce(mean)
+        mean /= world
+    return mean.item()
+
+
+def out_of_time(config, started, device, world):
+    """Has training run max_seconds (if set) since `started`? Under DDP any rank's clock stops every rank:
+    they must stop at the same step, or the others wait forever in an all-reduce."""
+    if not config["max_seconds"]:
+        return False
+    out = time.time() - started > config["max_seconds"]
+    if world > 1:
+        flag = torch.tensor(float(out), device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        out = bool(flag.item())
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -843,6 +1045,61 @@ def copy_losses(model, tokenizer, n_scenes=60):
     return {name: sum(v) / len(v) for name, v in losses.items() if v}
 
 
+@torch.no_grad()
+def bits_per_byte(model, tokenizer, data_dir, n_documents=200):
+    """Cross-entropy in bits per UTF-8 byte over the first n whole validation documents: every token after
+    <|begin_of_text|> (the text and its <|end_of_text|>) is predicted, and the bits are divided by the bytes of
+    the text. Unlike the loss per token this does not depend on the tokenizer, so runs with different
+    vocabularies compare."""
+    stream = np.memmap(os.path.join(data_dir, "val.bin"), dtype=np.uint16, mode="r")
+    ends = np.flatnonzero(stream == EOS_ID)[:n_documents]
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    documents = [stream[s:e + 1].astype(np.int64).tolist() for s, e in zip(starts, ends)]
+    documents = [d[:model.config["context"] + 1] for d in documents]  # a longer document is scored in part
+    was_training = model.training
+    model.eval()
+    device, bits, n_bytes = model.lm_head.weight.device, 0.0, 0
+    for start in range(0, len(documents), 32):
+        group = documents[start:start + 32]
+        length = max(len(d) for d in group) - 1
+        tokens = torch.full((len(group), length), EOS_ID)
+        targets = torch.full((len(group), length), -100)
+        for i, d in enumerate(group):
+            tokens[i, :len(d) - 1], targets[i, :len(d) - 1] = torch.tensor(d[:-1]), torch.tensor(d[1:])
+        _, loss, _ = model(tokens.to(device), targets.to(device))
+        bits += loss.item() * (targets != -100).sum().item() / math.log(2)
+        n_bytes += sum(len(tokenizer.decode(d[1:-1]).encode()) for d in group)
+    model.train(was_training)
+    return bits / n_bytes
+
+
+@torch.no_grad()
+def binding_probe(model, tokenizer, n_scenes=100):
+    """Can the model answer from its context? After the caption of a held-out scene, each of the scene's
+    questions in the corpus's own form ("q: ... a:"), answered greedily; accuracy per question type. Existence
+    and position questions need a colour and a kind bound together ("is there a red circle?"), the skill the
+    phase-3 model needs to answer them about image tokens."""
+    from data import shapes_world
+    rng = random.Random(0)
+    by_length = {}  # prompts of one length form one batch, so that no row needs padding
+    for scene in shapes_world.make_scenes("val", n_scenes, seed=1):
+        for question, answer, kind in shapes_world.questions(scene, rng):
+            prompt = [BOS_ID] + encode(tokenizer, f"{shapes_world.caption(scene)}\nq: {question} a:")
+            by_length.setdefault(len(prompt), []).append((prompt, answer, kind))
+    was_training = model.training
+    model.eval()
+    right, total = {}, {}
+    for group in by_length.values():
+        prompts = torch.tensor([prompt for prompt, _, _ in group], device=model.lm_head.weight.device)
+        for (_, answer, kind), ids in zip(group, generate(model, prompts, 6).tolist()):
+            reply = tokenizer.decode(ids).split("\n")[0]  # the answer ends its line
+            for key in (kind, "all"):
+                right[key] = right.get(key, 0) + shapes_world.score_answer(reply, answer)
+                total[key] = total.get(key, 0) + 1
+    model.train(was_training)
+    return {f"probe {k}": right[k] / total[k] for k in ["all"] + sorted(k for k in total if k != "all")}
+
+
 def describe_model(model):
     total, active = count_parameters(model)
     c = model.config
@@ -867,8 +1124,14 @@ def main(argv=None):
               flush=True)
     batches = TextBatches(config["data_dir"], config["context"], config["batch_size"], device, config["seed"],
                           rank, config["eval_iters"])
-    copy_test = (lambda m: copy_losses(m, tokenizer)) if config["text_source"] == "shapes" else None
-    train(config, model, batches, evaluate_extra=copy_test, checkpoint_extra=dict(tokenizer=tokenizer.to_str()))
+    def extra_metrics(model):
+        metrics = {"val bpb": bits_per_byte(model, tokenizer, config["data_dir"])}
+        if config["text_source"] == "shapes":  # how well it reads its context: the skill phases 2 and 3 need
+            metrics.update(copy_losses(model, tokenizer))
+            metrics.update(binding_probe(model, tokenizer))
+        return metrics
+    train(config, model, batches, evaluate_extra=extra_metrics, checkpoint_extra=dict(tokenizer=tokenizer.to_str()),
+          flops_per_token=flops_per_token(config))
     if rank == 0:
         print(f"saved {os.path.join(config['out_dir'], 'ckpt.pt')}; try: python sample.py --prompt \"a red\"")
 

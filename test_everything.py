@@ -504,11 +504,18 @@ def gradients_at_step(run):
         model = run()
     finally:
         torch.optim.AdamW.step = original
+    assert seen, "the optimizer never stepped: no gradients were captured"
     return {name: seen[id(p)] for name, p in model.named_parameters() if id(p) in seen}
 
 
-def train_once(out_dir, batches, **overrides):
-    model = tiny_model()
+def assert_every_parameter_has_a_gradient(grads, model):
+    """A comparison of two gradient dicts is only as good as what they hold: every parameter, none all zero."""
+    assert set(grads) == {name for name, _ in model.named_parameters()}
+    assert all(grad.abs().sum() > 0 for grad in grads.values()), [n for n, g in grads.items() if not g.any()]
+
+
+def train_once(out_dir, batches, model=None, **overrides):
+    model = model or tiny_model()
     pretrain.train(loop_config(out_dir, **overrides), model, FixedBatches(batches))
     return model
 
@@ -520,8 +527,31 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
     big = gradients_at_step(lambda: train_once(tmp_path / "a", [batch]))
     small = gradients_at_step(lambda: train_once(tmp_path / "b", split_batch(batch, 2), grad_accum_steps=2,
                                                  batch_size=2))
+    assert_every_parameter_has_a_gradient(big, tiny_model())
     for name, grad in big.items():
         torch.testing.assert_close(small[name], grad, atol=1e-7, rtol=1e-4, msg=name)
+
+
+def test_grad_accumulation_is_the_mean_of_the_micro_batch_means(tmp_path):
+    """Micro-batches that count different numbers of targets (captions and chats of different lengths): the
+    step's gradient is the mean of each micro-batch's mean loss, as the loop says, which weighs a target of
+    the short micro-batch (4 targets) 8 times as much as one of the long one (32). Second path: autograd on
+    (loss_a + loss_b) / 2 from a fresh copy of the model."""
+    batch = random_batch(4, 4)
+    long, short = split_batch(batch, 2)
+    short = dict(short, targets=short["targets"].clone())
+    short["targets"][:, 2:] = -100                              # 2 counted targets per row, 4 in all
+    got = gradients_at_step(lambda: train_once(tmp_path, [long, short], grad_accum_steps=2, batch_size=2))
+    model = tiny_model().train()
+    mean_of_means = (model(**long)[1] + model(**short)[1]) / 2
+    expected = dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(mean_of_means,
+                                                                                       list(model.parameters()))))
+    assert_every_parameter_has_a_gradient(got, model)
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, atol=1e-7, rtol=1e-4, msg=name)
+    both = dict(tokens=batch["tokens"], targets=torch.cat([long["targets"], short["targets"]]))
+    per_target = torch.autograd.grad(model(**both)[1], model.lm_head.weight)[0]  # the mean over all 36 targets
+    assert (per_target - expected["lm_head.weight"]).norm() > 0.1 * per_target.norm()  # the two differ here
 
 
 def test_logged_loss_is_the_steps_mean_over_its_micro_batches(tmp_path):
