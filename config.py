@@ -137,7 +137,7 @@ PRESETS = {
 READS = {
     "pretrain": ("model", "data", "loop"),
     "prepare": ("data", "vocab_size", "seed"),
-    "align": ("loop", "align", "out_root"),
+    "align": ("loop", "align"),
     "instruct": ("loop", "cache_features", "train_images", "eval_images", "instruct"),
     "dpo": ("loop", "eval_images", "projector_lr_scale", "dpo"),
     "sample": ("sampling", "device", "seed", "out_root"),
