@@ -14,6 +14,7 @@ import contextlib
 import functools
 import math
 import os
+import random
 import time
 from typing import NamedTuple
 
@@ -60,6 +61,8 @@ def ensure_text_data(config):
                         f"says {config['vocab_size']}; pass --vocab_size={meta['vocab_size']} or another --data_dir")
     wanted = data_settings(config)
     recorded = dict(meta.get("settings", {}), text_source=meta["source"])  # older folders record the source only
+    if recorded["text_source"] == "shapes":
+        recorded.setdefault("shapes_corpus", 1)  # made before the Shapes World corpus had a version
     made = {key: recorded.get(key, value) for key, value in wanted.items()}
     if made != wanted:
         differ = ", ".join(f"{key}={made[key]} (now {wanted[key]})" for key in wanted if made[key] != wanted[key])

@@ -227,7 +227,11 @@ def data_settings(config):
     another seed are as good, and a training-seed sweep should not need a folder each.)"""
     keys = ["text_source", "max_tokens"]
     keys += ["shapes_docs"] if config["text_source"] == "shapes" else ["hf_dataset", "hf_config", "text_column"]
-    return {key: config[key] for key in keys}
+    settings = {key: config[key] for key in keys}
+    if config["text_source"] == "shapes":  # the generator's own version: its documents changed with it
+        from data.shapes_world import CORPUS_VERSION
+        settings["shapes_corpus"] = CORPUS_VERSION
+    return settings
 
 
 def prepare(config):

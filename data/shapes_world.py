@@ -9,9 +9,9 @@ size and one cell of a 3x3 grid:
 
 From a scene we make everything the three phases need:
 
-- `describe`  pretraining text (phase 1): the scene stated in varied phrasings, then usually restated, so the
-              language model learns to copy facts from earlier context, the very skill it later needs to read
-              facts off image tokens.
+- `describe`  pretraining text (phase 1): the scene stated in varied phrasings, then restated or questioned,
+              so the language model learns to copy facts from earlier context and to look them up, the very
+              skills it later needs to read facts off image tokens.
 - `render`    an RGB image drawn with Pillow (phase 2 learns to `caption` it).
 - `questions` question-answer pairs about it (phase 3 learns to answer them).
 
@@ -267,33 +267,29 @@ def questions(scene: dict, rng: random.Random) -> list:
 # -----------------------------------------------------------------------------
 # Pretraining text: state the scene, then restate it
 
-def shuffled(shapes, rng):
-    return rng.sample(shapes, len(shapes))
-
-
 def state_caption(scene, rng):
     return caption(scene)
 
 
 def state_picture(scene, rng):
     opening = rng.choice(("the picture shows", "this picture shows", "in this image we see", "here we see"))
-    return f"{opening} {join([shape_phrase(s) for s in shuffled(scene['shapes'], rng)])}."
+    return f"{opening} {join([shape_phrase(s) for s in scene['shapes']])}."
 
 
 def state_there_is(scene, rng):
     if rng.random() < 0.5:
-        return " ".join(f"there is a {name(s)} {PLACES[s['position']]}." for s in shuffled(scene["shapes"], rng))
-    return " ".join(f"{PLACES[s['position']]} there is a {name(s)}." for s in shuffled(scene["shapes"], rng))
+        return " ".join(f"there is a {name(s)} {PLACES[s['position']]}." for s in scene["shapes"])
+    return " ".join(f"{PLACES[s['position']]} there is a {name(s)}." for s in scene["shapes"])
 
 
 def state_count(scene, rng):
     count = len(scene["shapes"])
     there = "there is one shape" if count == 1 else f"there are {NUMBERS[count]} shapes"
-    return f"{there} in the picture: {join([shape_phrase(s) for s in shuffled(scene['shapes'], rng)])}."
+    return f"{there} in the picture: {join([shape_phrase(s) for s in scene['shapes']])}."
 
 
 def state_list(scene, rng):
-    lines = [f"- {name(s)}, {s['position']}" for s in shuffled(scene["shapes"], rng)]
+    lines = [f"- {name(s)}, {s['position']}" for s in scene["shapes"]]
     return "\n".join(["shapes in the picture:"] + lines)
 
 
@@ -301,7 +297,7 @@ def state_each(scene, rng):
     sentences = [
         rng.choice((f"the shape {PLACES[s['position']]} is a {name(s)}.",
                     f"the {s['kind']} {PLACES[s['position']]} is {s['color']} and {s['size']}."))
-        for s in shuffled(scene["shapes"], rng)
+        for s in scene["shapes"]
     ]
     return " ".join(sentences)
 
@@ -311,26 +307,31 @@ STATEMENTS = (state_caption, state_picture, state_there_is, state_count, state_l
 
 def question_block(scene, rng):
     asked = questions(scene, rng)
-    asked = rng.sample(asked, min(len(asked), rng.randint(2, 3)))
+    asked = rng.sample(asked, min(len(asked), rng.randint(2, 4)))
     q, a = rng.choice((("q:", "a:"), ("question:", "answer:")))
     return "\n".join(f"{q} {question} {a} {answer}" for question, answer, _ in asked)
 
 
-def describe(scene: dict, rng: random.Random) -> str:
-    """One pretraining document: the scene in some phrasing, then usually restated.
+CORPUS_VERSION = 2  # raised whenever `describe` changes, so that a folder prepared by an older one is not reused
 
-    The restatement is the point. Facts that appear twice in one document can only be predicted the second
+
+def describe(scene: dict, rng: random.Random) -> str:
+    """One pretraining document: the scene in some phrasing, then restated, or questioned, or both.
+
+    The follow-up is the point. Facts that appear twice in one document can only be predicted the second
     time by looking back at the first, so the language model learns to copy from its context; phase 2 then
-    needs just that, with the first statement replaced by image tokens.
+    needs just that, with the first statement replaced by image tokens. Every statement lists the shapes in
+    reading order, the order in which the image tokens arrive, so a restatement is a copy in order; the
+    questions teach the other way of reading, looking a shape up by its colour, kind or place.
     """
     first = rng.choice(STATEMENTS)
     parts = [first(scene, rng)]
-    roll = rng.random()
-    if roll < 0.3:
-        parts.append(rng.choice(("in short: ", "again: ", "caption: ", "")) + caption(scene))
-    elif roll < 0.55:
-        parts.append(rng.choice([s for s in STATEMENTS if s is not first])(scene, rng))
-    elif roll < 0.85:
+    if rng.random() < 0.6:
+        if rng.random() < 0.67:
+            parts.append(rng.choice(("in short: ", "again: ", "caption: ", "")) + caption(scene))
+        else:
+            parts.append(rng.choice([s for s in STATEMENTS if s is not first])(scene, rng))
+    if len(parts) == 1 or rng.random() < 0.6:
         parts.append(question_block(scene, rng))
     return "\n".join(parts)
 
