@@ -271,9 +271,9 @@ def loss_plot(log_path, path):
         svg.line([(px(s), py(v)) for s, v in val], color=NOPE, arrow=False, width=2)
         for s, v in val:
             svg.rect(px(s) - 3, py(v) - 3, 6, 6, fill=NOPE, stroke="none", rx=3)
-    key_x, key_y = left + plot_w - 300, top + plot_h * 0.45  # where the curves have already come down
+    key_x, key_y = left + plot_w - 280, top + plot_h * 0.45  # where the curves have already come down
     svg.line([(key_x, key_y), (key_x + 24, key_y)], color=ROPE, arrow=False)
-    svg.text(key_x + 30, key_y + 4, "train loss (each logged step's last micro-batch)", 12, anchor="start")
+    svg.text(key_x + 30, key_y + 4, "train loss (the logged step's)", 12, anchor="start")
     svg.line([(key_x, key_y + 20), (key_x + 24, key_y + 20)], color=NOPE, arrow=False, width=2)
     final = f", final {val[-1][1]:.4f}" if val else ""
     svg.text(key_x + 30, key_y + 24, f"val loss (held-out documents{final})", 12, anchor="start")
