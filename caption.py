@@ -8,7 +8,7 @@ Any image Pillow opens works: RGB, grey, RGBA, palette, CMYK, 16-bit, any size (
 """
 import torch
 
-from align import caption_images, image_transform, open_image, vlm_from_checkpoint
+from align import caption_images, caption_prompt, image_transform, open_image, vlm_from_checkpoint
 from config import ConfigError, get_config, run
 from data.prepare_text import SPECIAL_TOKENS
 from pretrain import setup_device
@@ -34,8 +34,9 @@ def main(argv=None):
         before, after = question_prefix(tokenizer, question)
         ids = caption_images(vlm, features, config["max_new_tokens"], before, after, **sampling)[0]
     else:
-        ids = caption_images(vlm, features, config["max_new_tokens"], **sampling)[0]
-    print(tokenizer.decode(ids))
+        after = caption_prompt(tokenizer, state["config"])  # the prompt it was trained with
+        ids = caption_images(vlm, features, config["max_new_tokens"], after=after, **sampling)[0]
+    print(tokenizer.decode(ids).strip())
 
 
 if __name__ == "__main__":

@@ -63,14 +63,15 @@ CONFIG = dict(
     resume=False,           # continue from <out_dir>/ckpt.pt
     # --- align: phase 2, vision-language alignment (README: Phase 2) ---
     llm_ckpt="",                # the phase-1 checkpoint whose LLM is frozen and extended; "" means <out_root>/pretrain/ckpt.pt
-    vision_model="shapes_vit",  # "shapes_vit" (a small torchvision ViT for 64 px Shapes World) or "vit_b_16"
+    vision_model="shapes_vit",  # "shapes_vit" (a small torchvision ViT for 48 px Shapes World) or "vit_b_16"
     vision_weights="shapes",    # "shapes" (train the stand-in, cached), "IMAGENET1K_V1", a .pth path, or "none"
     vision_layer=-1,            # -1: patch tokens after the final LayerNorm; -2: of the penultimate block, ...
-    image_size=64,              # the encoder's input side (vit_b_16: resize 256, centre-crop 224)
-    pixel_shuffle=2,            # fold 2x2 neighbouring patch tokens into one (4x fewer image tokens); 1 = off
+    image_size=48,              # the encoder's input side; 48 px = 6 x 6 patches, 2 x 2 per grid cell (vit_b_16: 224)
+    pixel_shuffle=1,            # 2: fold 2x2 neighbouring patch tokens into one (4x fewer image tokens); 1 = off
     projector_hidden=512,       # the MLP projector: Linear(vision_dim * shuffle^2, hidden) -> GELU -> Linear(hidden, dim)
     caption_source="shapes",    # "shapes", "hf" (caption_dataset), a folder with metadata.jsonl, or COCO-style .parquet
     caption_dataset="jxie/coco_captions",  # the Hub dataset read when caption_source="hf"
+    caption_prompt="\ncaption:",  # text between the image and its caption; Shapes World's own cue to restate
     max_caption_tokens=64,      # longer captions are cut
     cache_features=True,        # encode each image once with the frozen encoder and reuse the features
     train_images=12_000,        # Shapes World scenes for caption training
@@ -119,7 +120,7 @@ PRESETS = {
         batch_size=7, max_iters=20_000, lr=3e-4, min_lr=3e-5, warmup_iters=1000, eval_interval=1000,
         eval_iters=50, log_interval=100, dtype="auto",
         align=dict(vision_model="vit_b_16", vision_weights="IMAGENET1K_V1", image_size=224, pixel_shuffle=1,
-                   projector_hidden=3072, caption_source="hf", batch_size=48, lr=2e-4, min_lr=2e-5, epochs=3,
+                   caption_prompt="", projector_hidden=3072, caption_source="hf", batch_size=48, lr=2e-4, min_lr=2e-5, epochs=3,
                    warmup_iters=200, eval_interval=2000, eval_iters=50, log_interval=100),
         instruct=dict(instruct_source="data/llava/llava_instruct_150k.json", image_folder="data/coco/train2017",
                       batch_size=16, lr=2e-5, min_lr=2e-6, projector_lr_scale=10.0, epochs=1, warmup_iters=200,
