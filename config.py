@@ -17,7 +17,7 @@ CONFIG = dict(
     n_layers=4,             # transformer blocks
     n_heads=4,              # query heads
     n_kv_heads=2,           # key/value heads shared by groups of query heads (GQA)
-    head_dim=0,             # width of each head; 0 means dim // n_heads
+    head_dim=64,            # width of each head; 0 means dim // n_heads. 64 (not 128 // 4 = 32): see README
     ffn_hidden=256,         # hidden size of the dense SwiGLU layers
     moe_hidden=128,         # hidden size of each routed expert and of the shared expert
     n_experts=8,            # routed experts per MoE layer
@@ -41,7 +41,7 @@ CONFIG = dict(
     # --- loop: the training loop (README: The training loop) ---
     batch_size=16,          # sequences per micro-batch (per process)
     grad_accum_steps=1,     # micro-batches per optimizer step
-    max_iters=1000,         # optimizer steps
+    max_iters=900,          # optimizer steps
     max_seconds=0.0,        # if > 0, also stop (and save) after this much training time
     lr=5e-4,                # peak learning rate; at 3e-3 the Shapes World model never learns to copy from its context
     min_lr=5e-5,            # cosine decay ends here
@@ -51,7 +51,7 @@ CONFIG = dict(
     beta2=0.95,             # AdamW: decay of the running mean of squared gradients
     grad_clip=1.0,          # clip the gradient's global norm to this; 0 = off
     aux_loss_coef=0.01,     # weight of the Switch load-balancing loss
-    eval_interval=250,      # steps between evaluations (and checkpoints)
+    eval_interval=300,      # steps between evaluations (and checkpoints)
     eval_iters=20,          # batches per evaluation
     log_interval=50,        # steps between log lines
     dtype="auto",           # "auto" (bf16 on CUDA if supported, else fp16; fp32 on CPU), "float32", "bfloat16", "float16"
@@ -115,13 +115,14 @@ PRESETS = {
     # Its own folders (out/seed/pretrain, out/seed/align, ...), so it never overwrites the quick start's.
     "llama4_seed": dict(
         out_root="out/seed",
-        vocab_size=32_000, dim=768, n_layers=12, n_heads=12, n_kv_heads=4, ffn_hidden=2048, moe_hidden=1024,
+        vocab_size=32_000, dim=768, n_layers=12, n_heads=12, n_kv_heads=4, head_dim=64, ffn_hidden=2048,
+        moe_hidden=1024,
         attn_chunk=512, context=1024, text_source="hf", data_dir="data/cosmopedia", max_tokens=200_000_000,
         batch_size=7, max_iters=20_000, lr=3e-4, min_lr=3e-5, warmup_iters=1000, eval_interval=1000,
         eval_iters=50, log_interval=100, dtype="auto",
         align=dict(vision_model="vit_b_16", vision_weights="IMAGENET1K_V1", image_size=224, pixel_shuffle=1,
-                   caption_prompt="", projector_hidden=3072, caption_source="hf", batch_size=48, lr=2e-4, min_lr=2e-5, epochs=3,
-                   warmup_iters=200, eval_interval=2000, eval_iters=50, log_interval=100),
+                   caption_prompt="", projector_hidden=3072, caption_source="hf", batch_size=48, lr=2e-4,
+                   min_lr=2e-5, epochs=3, warmup_iters=200, eval_interval=2000, eval_iters=50, log_interval=100),
         instruct=dict(instruct_source="data/llava/llava_instruct_150k.json", image_folder="data/coco/train2017",
                       batch_size=16, lr=2e-5, min_lr=2e-6, projector_lr_scale=10.0, epochs=1, warmup_iters=200,
                       eval_interval=2000, eval_iters=50, log_interval=100),
