@@ -1,0 +1,523 @@
+"""Phase 4: preference tuning with DPO. Teach the VLM to prefer what is in the picture to what is not.
+
+    python dpo.py                              # Shapes World pairs on the CPU, a few minutes
+    python dpo.py --preset=llama4_seed         # RLAIF-V from the Hub, bf16 on CUDA
+    python dpo.py --preset=llama4_seed --pref_source="data/rlaif-v/data/*.parquet"   # the same, local files
+
+Phase 3 taught the model to answer; it did not teach it what *not* to say, and it still says "yes" to shapes
+that are not in the picture and names shapes it never saw. Direct Preference Optimization (Rafailov et al.,
+2023) trains on pairs of responses to one prompt, a preferred y_w and a rejected y_l. It raises the policy's
+log-odds of y_w over y_l, measured against a frozen copy of the starting model, the *reference*:
+
+    loss = -log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))])
+
+Each log-prob is summed over the response's tokens only (image, prompt and padding are masked, as in phase 3's
+targets). beta * (log pi - log ref) is a response's *implicit reward*, and the bracket times beta is the pair's
+reward margin. At the start policy = reference: every margin is 0 and the loss is ln 2. The reference is what
+keeps DPO from driving the rejected response's probability to zero at any cost: the loss only rewards moving
+away from the reference as far as the margin needs (a small beta lets the policy move further).
+
+Policy and reference both start from the phase-3 checkpoint; the vision encoder stays frozen, the projector and
+the LLM train. The training loop is pretrain.py's, the VLM and its generation align.py's, the chat format and
+the answer score instruct.py's; this file adds the loss, the preference pairs and their evaluation.
+"""
+import contextlib
+import copy
+import glob
+import io
+import os
+import random
+import re
+from collections import namedtuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from align import (caption_accuracy, caption_images, caption_prompt, caption_sequence, compute_features,
+                   image_transform, open_image, set_epochs, vlm_from_checkpoint)
+from config import get_config
+from data import shapes_world
+from data.captions import _load, shapes_captions
+from data.prepare_text import BOS_ID, PAD_ID, DataError, held_out
+from instruct import IMAGE_MARKER, answer_accuracy, question_prefix, render_conversation, shapes_conversations
+from pretrain import autocast_dtype, encode, evaluate, flops_per_token, run, setup_device, train
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The DPO loss
+# ----------------------------------------------------------------------------------------------------------
+
+def sequence_logprobs(logits, targets):
+    """log p(response | prompt) of each row: the sum over the positions t with targets[t] != -100 of
+    log softmax(logits[t])[targets[t]]. logits (B, T, vocab), targets (B, T) -> (B,)."""
+    token_logprobs = -F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                                      reduction="none")            # (B * T,), exactly 0 where ignored
+    return token_logprobs.view(targets.shape).sum(-1)
+
+
+def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta):
+    """(mean DPO loss, reward margin of each pair) from the four (B,) summed log-probs."""
+    margins = beta * ((policy_chosen - reference_chosen) - (policy_rejected - reference_rejected))
+    return -F.logsigmoid(margins).mean(), margins
+
+
+class DPO(nn.Module):
+    """The policy (a VLM that trains) and its frozen reference; forward returns (reward margins, DPO loss, MoE
+    aux loss), so pretrain.train runs it like any other model.
+
+    A batch holds 2B sequences: rows 0..B-1 the chosen responses, rows B..2B-1 the rejected ones to the same B
+    prompts, with the B images' encoder features (each pair's two rows share one image).
+
+    The reference's log-probs are computed here, at every step, without gradient, rather than once for the
+    whole dataset before training. Each pair is seen about once (a DPO run is an epoch or a few), so
+    precomputing would cost the same forward passes, only all up front; per step, there is no cache to keep in
+    step with the data order, DDP's shards and --resume, and the reference runs under the same --dtype as the
+    policy. The price is the reference's weights in memory: no gradients, no optimizer state, a small part of
+    what the policy's training holds.
+    """
+
+    def __init__(self, policy, beta):
+        super().__init__()
+        self.policy, self.beta = policy, beta
+        # The reference: a frozen copy of the policy as it starts. Deliberately not a registered submodule: the
+        # optimizer, DDP, .train(), the experts' usage statistics and the checkpoint see the policy alone (the
+        # reference needs no saving: it is --instruct_ckpt).
+        object.__setattr__(self, "reference", copy.deepcopy(policy).requires_grad_(False).eval())
+
+    def forward(self, tokens, targets, features=None, images=None, expert_counts=False):
+        """(reward margins (B,), DPO loss, the policy's MoE aux loss), and with expert_counts=True the policy's
+        routed slots per expert (see Transformer.forward)."""
+        if features is None:
+            features = self.policy.image_features(images)              # the frozen encoder, shared by both
+        features = torch.cat([features, features])                     # (2B, patches, D): chosen, then rejected
+        logits, _, aux_loss, *counts = self.policy.llm(embeds=self.policy.embed(tokens, features), targets=targets,
+                                                       expert_counts=expert_counts)  # logits (2B, T, vocab)
+        with torch.no_grad():
+            reference_logits = self.reference(tokens, features=features)[0]
+        policy = sequence_logprobs(logits, targets).chunk(2)           # (chosen (B,), rejected (B,))
+        reference = sequence_logprobs(reference_logits, targets).chunk(2)
+        loss, margins = dpo_loss(*policy, *reference, self.beta)
+        return (margins, loss, aux_loss, *counts)
+
+    # The checkpoint holds the policy's state dict, exactly a phase-3 VLM's: caption.py and vlm_from_checkpoint
+    # read out/dpo/ckpt.pt as they read out/instruct/ckpt.pt.
+    def state_dict(self, *args, **kwargs):
+        return self.policy.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        return self.policy.load_state_dict(state_dict, strict, assign)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Preference pairs, and batches of them
+# ----------------------------------------------------------------------------------------------------------
+# A pair is an image, a prompt and two responses. The prompt is a question, rendered as one chat turn as in
+# phase 3, or None: a caption in phase 2's format (<|begin_of_text|> image caption_prompt caption
+# <|end_of_text|>), which is what caption.py without --prompt and the caption scores generate.
+
+Pair = namedtuple("Pair", "image prompt chosen rejected origin")
+
+
+def render_response(prompt, response, tokenizer, n_image_tokens, context, caption_ids=()):
+    """(tokens, targets) of one response to the prompt; targets are -100 except on the response and its end.
+    caption_ids: the caption prompt's token ids (align.caption_prompt)."""
+    if prompt is None:
+        room = context - n_image_tokens - len(caption_ids) - 2
+        text = f" {response}" if caption_ids else response  # after "caption:" a word, with its space, as in phase 2
+        return caption_sequence(encode(tokenizer, text)[:room], n_image_tokens, caption_ids)
+    question = prompt if IMAGE_MARKER in prompt else IMAGE_MARKER + prompt  # the image first, as in phase 3
+    return render_conversation([(question, response)], tokenizer, n_image_tokens, context)
+
+
+def render_pair(pair, tokenizer, n_image_tokens, context, caption_ids=()):
+    """The (tokens, targets) of the chosen and of the rejected response, or a DataError if one is cut away."""
+    sides = [render_response(pair.prompt, text, tokenizer, n_image_tokens, context, caption_ids)
+             for text in (pair.chosen, pair.rejected)]
+    if any(all(t == -100 for t in targets) for _, targets in sides):
+        raise DataError("the prompt leaves no room for the response in the context")
+    return sides
+
+
+def features_at(features, rows, device):
+    """Encoder features (len(rows), patches, D) of the given images, from a tensor or a memory-mapped cache."""
+    return torch.from_numpy(np.stack([np.asarray(features[row]) for row in rows])).to(device)
+
+
+class PreferenceBatches:
+    """Random batches of preference pairs for pretrain.train: tokens and targets (2B, T) - the B chosen
+    responses, then the B rejected ones, right-padded - and the B images' cached encoder features.
+    data: {split: (pairs, features)}."""
+
+    def __init__(self, data, tokenizer, n_image_tokens, context, config, device, rank=0, caption_ids=()):
+        self.device, self.batch_size, self.eval_iters = device, config["batch_size"], config["eval_iters"]
+        self.pairs, self.features, self.sequences = {}, {}, {}
+        for split, (pairs, features) in data.items():
+            self.pairs[split], self.sequences[split], self.features[split] = [], [], features
+            for pair in pairs:
+                try:
+                    self.sequences[split].append(render_pair(pair, tokenizer, n_image_tokens, context, caption_ids))
+                    self.pairs[split].append(pair)
+                except DataError as problem:
+                    if rank == 0:
+                        print(f"skipping a {split} pair ({problem}): {str(pair.prompt)[:60]!r}", flush=True)
+            if not self.pairs[split]:
+                raise DataError(f"no {split} preference pair fits in the LLM's context of {context} tokens")
+        self.generator = torch.Generator().manual_seed(config["seed"] + rank)
+
+    def batch(self, split, rows):
+        sides = [self.sequences[split][r][0] for r in rows] + [self.sequences[split][r][1] for r in rows]
+        length = max(len(tokens) for tokens, _ in sides)
+        tokens = torch.full((len(sides), length), PAD_ID)
+        targets = torch.full((len(sides), length), -100)
+        for i, (side_tokens, side_targets) in enumerate(sides):
+            tokens[i, :len(side_tokens)] = torch.tensor(side_tokens)
+            targets[i, :len(side_targets)] = torch.tensor(side_targets)
+        features = features_at(self.features[split], [self.pairs[split][r].image for r in rows], self.device)
+        return dict(tokens=tokens.to(self.device), targets=targets.to(self.device), features=features)
+
+    def next(self, split="train"):
+        rows = torch.randint(len(self.pairs[split]), (self.batch_size,), generator=self.generator)
+        return self.batch(split, rows.tolist())
+
+    def eval_batches(self):
+        n = min(len(self.pairs["val"]), self.eval_iters * self.batch_size)
+        return [self.batch("val", list(range(s, min(s + self.batch_size, n)))) for s in range(0, n, self.batch_size)]
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])
+
+
+def cached_features(vlm, images, split, config, device, rank):
+    """The frozen encoder's features of every image, computed once into <out_dir>/features_<split>.npy (rank 0
+    writes while the other DDP ranks wait) and memory-mapped."""
+    path = os.path.join(config["out_dir"], f"features_{split}.npy")
+    source = " ".join(str(config[k]) for k in ("pref_source", "pref_dataset", "pref_scenes", "eval_images",
+                                               "image_size", "seed")) + f" {split}"
+    transform = image_transform(config)
+    if rank == 0:
+        compute_features(vlm, images, transform, path, device, source)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return compute_features(vlm, images, transform, path, device, source)  # now a cache hit
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shapes World pairs: the truth against the phase-3 model's own mistakes and against made-up shapes
+# ----------------------------------------------------------------------------------------------------------
+
+WRONG_ANSWERS = {"color": tuple(shapes_world.COLORS), "kind": shapes_world.KINDS, "count": shapes_world.NUMBERS,
+                 "position": shapes_world.POSITIONS, "exists": ("yes", "no")}
+
+
+def corrupt_answer(qtype, truth, rng):
+    """A wrong answer of the right form: another colour, kind, number or place; the other of yes and no."""
+    return rng.choice([answer for answer in WRONG_ANSWERS[qtype] if answer != truth])
+
+
+def corrupt_caption(scene, rng):
+    """(the scene's caption with one thing made up, what was made up): a shape that is not there, or one shape
+    with a wrong colour, kind, size or position."""
+    shapes = [dict(shape) for shape in scene["shapes"]]
+    empty = [p for p in shapes_world.POSITIONS if p not in {s["position"] for s in shapes}]
+    what = rng.choice(("extra shape", "color", "kind", "size", "position") if empty else ("color", "kind", "size"))
+    if what == "extra shape":  # a (colour, kind) that the scene does not have, in an empty cell
+        present = {(s["color"], s["kind"]) for s in shapes}
+        color, kind = rng.choice([(c, k) for c in shapes_world.COLORS for k in shapes_world.KINDS
+                                  if (c, k) not in present])
+        shapes.append(dict(kind=kind, color=color, size=rng.choice(shapes_world.SIZES), position=rng.choice(empty)))
+    elif what == "position":
+        rng.choice(shapes)["position"] = rng.choice(empty)
+    else:
+        shape = rng.choice(shapes)
+        values = {"color": tuple(shapes_world.COLORS), "kind": shapes_world.KINDS, "size": shapes_world.SIZES}[what]
+        shape[what] = rng.choice([v for v in values if v != shape[what]])
+    shapes.sort(key=lambda s: shapes_world.POSITIONS.index(s["position"]))  # a caption lists in reading order
+    return shapes_world.caption({"shapes": shapes}), what
+
+
+@torch.no_grad()
+def respond(vlm, features, asks, tokenizer, caption_ids=(), **sampling):
+    """The model's response to each (image row, prompt) of `asks`, as text: an answer of at most 8 tokens (as
+    the answer score allows) to a question, or a caption of at most 64 where the prompt is None. Asks whose
+    prompts are equally long are generated as one batch, so that no prompt needs padding."""
+    groups = {}
+    for i, (row, prompt) in enumerate(asks):
+        before, after = ((BOS_ID,), tuple(caption_ids)) if prompt is None else question_prefix(tokenizer, prompt)
+        groups.setdefault((before, len(after)), []).append((i, row, after))
+    responses, device = [None] * len(asks), vlm.llm.lm_head.weight.device
+    for (before, _), group in groups.items():
+        for start in range(0, len(group), 256):
+            chunk = group[start:start + 256]
+            after = torch.tensor([list(a) for _, _, a in chunk], dtype=torch.long, device=device).view(len(chunk), -1)
+            features_now = features_at(features, [row for _, row, _ in chunk], device)
+            new_ids = caption_images(vlm, features_now, 64 if before == (BOS_ID,) else 8, before, after, **sampling)
+            for (i, _, _), ids in zip(chunk, new_ids):
+                responses[i] = tokenizer.decode(ids).strip()
+    return responses
+
+
+def shapes_preferences(reference, tokenizer, config, split, device, rank):
+    """(pairs, features) from Shapes World scenes of `split` (train: pref_scenes scenes; val: an eighth as many,
+    for evaluation only). For every question about a scene and for its caption, the truth is chosen against
+    (a) each distinct wrong response of the phase-3 model - its greedy one and pref_samples sampled at
+    temperature 1 - labelled by the scene's ground truth, as RLAIF-V ranks its model's own samples; and
+    (b) made-up responses: each question one wrong answer of its form (a flipped yes/no, a wrong colour,
+    kind, number or place), each caption `caption_corruptions` captions with one made-up detail."""
+    n = config["pref_scenes"] if split == "train" else max(1, config["pref_scenes"] // 8)  # 80:10 as the splits
+    scenes = shapes_world.make_scenes(split, n, seed=config["seed"] + 3)  # not the scenes of phases 2 and 3
+    images = [lambda scene=scene: shapes_world.render(scene, config["image_size"]) for scene in scenes]
+    features = cached_features(reference, images, split, config, device, rank)
+    rng = random.Random(f"dpo {config['seed']} {split}")
+    asks, truths = [], []
+    for row, scene in enumerate(scenes):
+        for question, answer, qtype in shapes_world.questions(scene, rng):
+            asks.append((row, question))
+            truths.append((answer, qtype))
+        asks.append((row, None))
+        truths.append((shapes_world.caption(scene), "caption"))
+    generator = torch.Generator(device).manual_seed(config["seed"])
+    caption_ids = caption_prompt(tokenizer, config)
+    attempts = [respond(reference, features, asks, tokenizer, caption_ids)]
+    attempts += [respond(reference, features, asks, tokenizer, caption_ids, temperature=1.0, generator=generator)
+                 for _ in range(config["pref_samples"])]
+    pairs = []
+    for i, ((row, prompt), (truth, qtype)) in enumerate(zip(asks, truths)):
+        for mistake in dict.fromkeys(attempt[i] for attempt in attempts if attempt[i] != truth):
+            pairs.append(Pair(row, prompt, truth, mistake, f"own {qtype}"))
+        if qtype == "caption":
+            for _ in range(config["caption_corruptions"]):
+                made_up, what = corrupt_caption(scenes[row], rng)
+                pairs.append(Pair(row, prompt, truth, made_up, f"made-up caption {what}"))
+        else:
+            pairs.append(Pair(row, prompt, truth, corrupt_answer(qtype, truth, rng), f"made-up {qtype}"))
+    return pairs, features
+
+
+def describe_mix(pairs):
+    """One line: how many pairs of each origin."""
+    counts = {}
+    for pair in pairs:
+        counts[pair.origin] = counts.get(pair.origin, 0) + 1
+    return ", ".join(f"{origin} {n:,}" for origin, n in sorted(counts.items()))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# RLAIF-V pairs: HuggingFaceH4/rlaif-v_formatted, from the Hub or from local .parquet files
+# ----------------------------------------------------------------------------------------------------------
+# Columns: images (a list holding one image), prompt ([{"role": "user", "content": [{"type": "image"},
+# {"type": "text", "text": question}]}]), chosen and rejected ([{"role": "assistant", "content": [{"type":
+# "text", "text": answer}]}]). Splits: train (78,975 pairs) and test (4,157).
+
+def message_text(messages, role):
+    """The text of a one-message chat list, with "<image>" where its image part is."""
+    if not isinstance(messages, list) or len(messages) != 1 or not isinstance(messages[0], dict) \
+            or messages[0].get("role") != role:
+        raise DataError(f"expected one {role} message")
+    content = messages[0].get("content")
+    if isinstance(content, str):
+        return content.strip()
+    parts = [IMAGE_MARKER if isinstance(part, dict) and part.get("type") == "image" else
+             (part.get("text") or "") if isinstance(part, dict) else "" for part in content or []]
+    return " ".join(parts).strip()
+
+
+def decode_image(image):
+    """A Pillow image from a `datasets` image struct {"bytes": ..., "path": ...}, fully decoded, or a DataError."""
+    from PIL import Image
+    if not isinstance(image, dict) or not (image.get("bytes") or image.get("path")):
+        raise DataError("no image")
+    if not image.get("bytes"):
+        return open_image(image["path"])  # align's checks: missing, empty, truncated, too large
+    try:
+        decoded = Image.open(io.BytesIO(image["bytes"]))
+        decoded.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:  # UnidentifiedImageError too
+        raise DataError(f"the image cannot be decoded ({type(error).__name__})") from None
+    return decoded
+
+
+def check_preference_record(record):
+    """(image struct, prompt, chosen, rejected) of one RLAIF-V-format record, or a DataError saying what is
+    wrong. The image is decoded once here, so that a bad one is skipped now rather than stopping a run later."""
+    images = record.get("images") or []
+    if len(images) != 1:
+        raise DataError("no image" if not images else f"{len(images)} images (one per pair is supported)")
+    prompt = message_text(record.get("prompt"), "user")
+    chosen, rejected = message_text(record.get("chosen"), "assistant"), message_text(record.get("rejected"), "assistant")
+    if not chosen or not rejected:
+        raise DataError(f"empty {'chosen' if not chosen else 'rejected'} response")
+    if chosen == rejected:
+        raise DataError("chosen and rejected are the same")
+    decode_image(images[0])
+    return images[0], prompt, chosen, rejected
+
+
+def rlaif_preferences(config, split):
+    """(image loaders, pairs) of `split`: the Hub's train or test split (pref_source="hf"), or local .parquet files
+    (comma-separated paths or glob patterns; every 50th record is held out). Bad records are reported, counted
+    and skipped."""
+    import datasets
+    source = config["pref_source"]
+    hint = 'to use local files instead: --pref_source="path/to/*.parquet" (columns images, prompt, chosen, rejected)'
+    if source == "hf":
+        name = config["pref_dataset"]
+        dataset = _load(lambda: datasets.load_dataset(name, split="test" if split == "val" else "train"),
+                        f"dataset {name} from the Hugging Face Hub", hint)
+        in_split = lambda number: True
+    else:
+        paths = [path for pattern in source.split(",") for path in sorted(glob.glob(pattern))]
+        if not paths or not all(path.endswith(".parquet") and os.path.isfile(path) for path in paths):
+            raise DataError(f"--pref_source={source}: no .parquet files there (or use shapes or hf)")
+        name = source
+        dataset = _load(lambda: datasets.load_dataset("parquet", data_files=paths, split="train"),
+                        f"parquet files {source}", "they need columns images, prompt, chosen and rejected")
+        in_split = lambda number: held_out(number) == (split == "val")
+    missing = {"images", "prompt", "chosen", "rejected"} - set(dataset.column_names)
+    if missing:
+        raise DataError(f"{name} lacks the columns {', '.join(sorted(missing))} (has {', '.join(dataset.column_names)})")
+    # Undecoded {"bytes", "path"} structs, whether the Hub's Image feature or plain parquet structs.
+    dataset = dataset.cast_column("images", datasets.Sequence(datasets.Image(decode=False)))
+    images, pairs, skipped, total = [], [], 0, 0
+    for number, record in enumerate(dataset):
+        if not in_split(number):
+            continue
+        total += 1
+        try:
+            image, prompt, chosen, rejected = check_preference_record(record)
+        except DataError as problem:
+            skipped += 1
+            print(f"skipping record {number} of {name} ({split}): {problem}", flush=True)
+            continue
+        images.append(lambda image=image: decode_image(image))
+        pairs.append(Pair(len(images) - 1, prompt, chosen, rejected, "rlaif-v"))
+    if skipped:
+        print(f"skipped {skipped} of {total} {split} records of {name}", flush=True)
+    if not pairs:
+        raise DataError(f"no usable {split} record in {name}")
+    return images, pairs
+
+
+def preference_data(reference, tokenizer, config, device, rank):
+    """{split: (pairs, features)} for config["pref_source"]: "shapes", "hf" or local .parquet files."""
+    if config["pref_source"] == "shapes":
+        return {split: shapes_preferences(reference, tokenizer, config, split, device, rank) for split in ("train", "val")}
+    data = {}
+    for split in ("train", "val"):
+        images, pairs = rlaif_preferences(config, split)
+        data[split] = pairs, cached_features(reference, images, split, config, device, rank)
+    return data
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation: preference accuracy and margin; on Shapes World also answers, captions and hallucinations
+# ----------------------------------------------------------------------------------------------------------
+
+class HeldOutScenes:
+    """Held-out Shapes World scenes and their encoder features, in the form instruct.answer_accuracy and
+    align.caption_accuracy read: .sets["val"] (a CaptionSet with its scenes) and .features_of(vlm, "val", rows)."""
+
+    def __init__(self, data, vlm, transform, device):
+        self.sets = {"val": data}
+        with torch.no_grad():
+            self.features = torch.cat([vlm.image_features(torch.stack([transform(load()) for load in
+                                                                       data.images[s:s + 64]]).to(device))
+                                       for s in range(0, len(data.images), 64)])
+
+    def features_of(self, vlm, split, rows):
+        return self.features[[self.sets[split].pairs[row][0] for row in rows]]
+
+
+NAMED_SHAPE = re.compile(rf"\b({'|'.join(shapes_world.COLORS)}) ({'|'.join(shapes_world.KINDS)})\b")
+
+
+def hallucination(vlm, held_out_scenes, tokenizer, caption_ids=()):
+    """The share of greedy captions of the held-out scenes that name a (colour, kind) absent from the scene."""
+    data = held_out_scenes.sets["val"]
+    made_up = 0
+    for start in range(0, len(data.pairs), 100):
+        rows = list(range(start, min(start + 100, len(data.pairs))))
+        features = held_out_scenes.features_of(vlm, "val", rows)
+        for row, ids in zip(rows, caption_images(vlm, features, 64, (BOS_ID,), caption_ids)):
+            present = {(s["color"], s["kind"]) for s in data.scenes[data.pairs[row][0]]["shapes"]}
+            made_up += any(named not in present for named in NAMED_SHAPE.findall(tokenizer.decode(ids)))
+    return made_up / len(data.pairs)
+
+
+@torch.no_grad()
+def evaluate_dpo(dpo, batches, tokenizer, answers=None, captions=None, caption_ids=()):
+    """pref acc (the share of held-out pairs whose reward margin is > 0) and margin (their mean); with Shapes
+    World, also answer accuracy on phase 3's held-out questions, caption scores on phase 2's held-out scenes
+    and the hallucination rate of those captions."""
+    was_training = dpo.training
+    dpo.eval()
+    margins = torch.cat([dpo(**batch)[0].float() for batch in batches.eval_batches()])
+    metrics = {"pref acc": (margins > 0).float().mean().item(), "margin": margins.mean().item()}
+    if answers is not None:
+        metrics.update(answer_accuracy(dpo.policy, answers, tokenizer))
+        metrics.update(caption_accuracy(dpo.policy, captions, tokenizer, len(captions.sets["val"].pairs), caption_ids))
+        metrics["hallucination"] = hallucination(dpo.policy, captions, tokenizer, caption_ids)
+    dpo.train(was_training)
+    return metrics
+
+
+def held_out_scenes(instruct_config, config, vlm, device):
+    """(phase 3's held-out questions, phase 2's held-out caption scenes), rebuilt from the phase-3 run's seed."""
+    transform, seed = image_transform(config), instruct_config["seed"]
+    questions = shapes_conversations("val", instruct_config["eval_images"], seed, config["image_size"])
+    scenes = shapes_captions("val", config["eval_images"], seed, config["image_size"])
+    return HeldOutScenes(questions, vlm, transform, device), HeldOutScenes(scenes, vlm, transform, device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    config = get_config("dpo", argv)
+    rank, world, device = setup_device(config)
+    torch.manual_seed(config["seed"])
+    policy, tokenizer, instruct_state = vlm_from_checkpoint(config["instruct_ckpt"], "python instruct.py", device)
+    for key in ("vision_model", "vision_layer", "image_size", "pixel_shuffle", "projector_hidden"):
+        config[key] = instruct_state["config"][key]  # the architecture is the phase-3 checkpoint's
+    config["caption_prompt"] = instruct_state["config"].get("caption_prompt", "")  # and its captions' prompt
+    dpo = DPO(policy, config["beta"])
+    policy.llm.requires_grad_(True)  # the projector and the LLM train; the encoder stays frozen
+    policy.projector.requires_grad_(True)
+    data = preference_data(dpo.reference, tokenizer, config, device, rank)  # sampled from the phase-3 model
+    caption_ids = caption_prompt(tokenizer, config)
+    batches = PreferenceBatches(data, tokenizer, policy.n_image_tokens, policy.config["context"], config, device, rank,
+                                caption_ids)
+    set_epochs(config, len(batches.pairs["train"]), world)
+    answers = captions = None
+    if config["pref_source"] == "shapes":
+        answers, captions = held_out_scenes(instruct_state["config"], config, policy, device)
+    evaluate_extra = lambda model: evaluate_dpo(model, batches, tokenizer, answers, captions, caption_ids)
+    if rank == 0:
+        trainable = sum(p.numel() for p in dpo.parameters() if p.requires_grad)
+        print(f"VLM: {trainable:,} trainable parameters (LLM + projector) and a frozen reference; beta "
+              f"{config['beta']}; {config['max_iters']} steps of {config['batch_size']} pairs", flush=True)
+        for split in ("train", "val"):
+            print(f"{split} pairs: {len(batches.pairs[split]):,} ({describe_mix(batches.pairs[split])})", flush=True)
+        if not config["resume"]:  # step 0, so that before and after are in one log
+            amp_dtype = autocast_dtype(config, device)
+            autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+            val_loss, _ = evaluate(dpo, batches, autocast)
+            metrics = "".join(f" | {k} {v:.3f}" for k, v in evaluate_extra(dpo).items())
+            print(f"eval step 0: val loss {val_loss:.4f}{metrics}", flush=True)
+    lr_scale = lambda name: config["projector_lr_scale"] if name.startswith("policy.projector.") else 1.0
+    train(config, dpo, batches, evaluate_extra=evaluate_extra, lr_scale=lr_scale,
+          checkpoint_extra=dict(tokenizer=tokenizer.to_str(), llm_config=instruct_state["llm_config"]),
+          flops_per_token=flops_per_token(instruct_state["llm_config"]) * 4 / 3)  # + the reference's forward
+    if rank == 0:
+        path = os.path.join(config["out_dir"], "ckpt.pt")
+        print(f"saved {path}; try: python caption.py some.png --ckpt={path} (a caption) or add "
+              f"--prompt \"is there a red circle?\"")
+
+
+if __name__ == "__main__":
+    run(main)
