@@ -731,6 +731,23 @@ def test_resume_takes_this_runs_optimizer_settings_or_fails_cleanly(tmp_path):
         pretrain.train(loop_config(tmp_path, max_iters=3, weight_decay=0.0, resume=True), tiny_model(), batches())
 
 
+def test_resume_by_another_number_of_processes_restarts_the_data_and_keeps_the_best_val_loss(tmp_path, capsys):
+    """A checkpoint saved by 2 processes, resumed by 1: the data states cannot be shared out, so the run says
+    so and its batches start afresh (position 0, then 1 after one step), not from rank 0's saved position 7.
+    The best validation loss so far comes from the checkpoint (0.125, better than this run reaches)."""
+    pretrain.train(loop_config(tmp_path), tiny_model(), FixedBatches([random_batch(0, 4)]))
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    state.update(batches=[{"position": 7}, {"position": 17}], best_val_loss=0.125)  # as two ranks saved it
+    torch.save(state, tmp_path / "ckpt.pt")
+    capsys.readouterr()
+    batches = FixedBatches([random_batch(0, 4)])
+    pretrain.train(loop_config(tmp_path, max_iters=2, resume=True), tiny_model(), batches)
+    assert "was saved by 2 process(es), this run has 1: every rank restarts its data order" in capsys.readouterr().out
+    assert batches.position == 1
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert saved["step"] == 2 and saved["best_val_loss"] == 0.125 and saved["val_loss"] > 0.125
+
+
 def test_resume_keeps_the_fp16_loss_scale(tmp_path):
     batches = lambda: FixedBatches([random_batch(0, 4)])
     pretrain.train(loop_config(tmp_path, dtype="float16"), tiny_model(), batches())
@@ -1155,33 +1172,45 @@ def write_images(folder, n):
     return scenes
 
 
+def solid_colour(i):
+    """Image i's colour: distinct for each i < 64, so that an image tells which caption belongs to it."""
+    return (4 * i, 255 - 4 * i, 37 * i % 256)
+
+
 def test_coco_parquet_and_imagefolder_load_offline(tmp_path, monkeypatch):
+    """Local COCO-style parquet (two captions of each image, a row each) and an image folder with
+    metadata.jsonl: every pair holds its own image. Image i is a solid colour and its captions name i, so
+    each pair is checked by looking at its pixels."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    scenes = write_images(tmp_path / "imgs", 60)
-    rows = []
-    for i, scene in enumerate(scenes):
-        png = (tmp_path / "imgs" / f"img{i}.png").read_bytes()
-        for k in range(2):  # two captions per image, as COCO has five
-            rows.append(dict(image={"bytes": png, "path": f"img{i}.png"}, filename=f"img{i}.png", cocoid=i,
-                             caption=f"{shapes_world.caption(scene)} ({k})"))
-    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "coco.parquet")
+    from PIL import Image
     from data.captions import caption_set
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "imgs").mkdir()
+    for i in range(60):
+        Image.new("RGB", (32, 32), solid_colour(i)).save(tmp_path / "imgs" / f"img{i}.png")
+
+    def assert_each_caption_has_its_image(dataset):
+        for index, text in dataset.pairs:
+            number = int(text.split()[1])  # "picture 12 (1)"
+            assert dataset.images[index]().getpixel((5, 5)) == solid_colour(number), text
+    rows = [dict(image={"bytes": (tmp_path / "imgs" / f"img{i}.png").read_bytes(), "path": f"img{i}.png"},
+                 filename=f"img{i}.png", cocoid=i, caption=f"picture {i} ({k})")
+            for i in range(60) for k in range(2)]  # two captions per image, as COCO has five
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "coco.parquet")
     train_set = caption_set(dict(CONFIG, caption_source=str(tmp_path / "coco.parquet")), "train")
     val_set = caption_set(dict(CONFIG, caption_source=str(tmp_path / "coco.parquet")), "val")
-    assert (len(train_set.images), len(train_set.pairs), len(val_set.images)) == (59, 118, 1)
-    image_index, text = train_set.pairs[2]
-    assert image_index == 1 and text == shapes_world.caption(scenes[1]) + " (0)"
+    assert (len(train_set.images), len(train_set.pairs), len(val_set.images), len(val_set.pairs)) == (59, 118, 1, 2)
+    assert_each_caption_has_its_image(train_set)
+    assert_each_caption_has_its_image(val_set)
     assert train_set.images[1]().size == (32, 32)
     with open(tmp_path / "imgs" / "metadata.jsonl", "w") as f:
-        for i, scene in enumerate(scenes):
-            f.write(json.dumps({"file_name": f"img{i}.png", "text": shapes_world.caption(scene)}) + "\n")
-    folder_set = caption_set(dict(CONFIG, caption_source=str(tmp_path / "imgs")), "train")
-    assert len(folder_set.pairs) == 59
-    index, text = folder_set.pairs[0]
-    assert text in {shapes_world.caption(s) for s in scenes}
-    assert np.asarray(folder_set.images[index]()).shape == (32, 32, 3)
+        for i in range(60):
+            f.write(json.dumps({"file_name": f"img{i}.png", "text": f"picture {i}"}) + "\n")
+    for split, n in (("train", 59), ("val", 1)):
+        folder_set = caption_set(dict(CONFIG, caption_source=str(tmp_path / "imgs")), split)
+        assert len(folder_set.pairs) == n
+        assert_each_caption_has_its_image(folder_set)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1292,6 +1321,52 @@ def tiny_vlm_ckpts(tiny_ckpt, tmp_path_factory):
     return out / "align" / "ckpt.pt", out / "instruct" / "ckpt.pt", llm_ckpt
 
 
+def test_a_checkpoint_of_another_phase_is_one_clear_error(tiny_ckpt, tiny_vlm_ckpts, tmp_path):
+    """Starting phase 3 from a phase-1 checkpoint, exporting a phase-2 checkpoint, or resuming one phase in
+    another phase's folder: each stops with one line naming the problem, before anything is written."""
+    import shutil
+    align_ckpt, instruct_ckpt, llm_ckpt = tiny_vlm_ckpts
+    assert_clean_error(run("instruct.py", f"--align_ckpt={llm_ckpt}", f"--out_dir={tmp_path / 'new'}"),
+                       "not a phase-2 or phase-3 checkpoint", "python align.py")
+    assert_clean_error(run("export_hf.py", str(align_ckpt), str(tmp_path / "hf")), "phase-2/3", "phase-1")
+    assert not (tmp_path / "new").exists() and not (tmp_path / "hf").exists()
+    folders = {phase: tmp_path / phase for phase in ("pretrain", "align", "instruct")}
+    for phase, ckpt in zip(folders, (llm_ckpt, align_ckpt, instruct_ckpt)):
+        shutil.copytree(ckpt.parent, folders[phase])
+    before = {phase: sorted(os.listdir(folder)) for phase, folder in folders.items()}
+    vlm = ["--image_size=32", "--batch_size=4", "--train_images=64", "--eval_images=8", "--device=cpu"]
+    runs = [  # (the script's main, its arguments, whose folder it resumes in)
+        (pretrain.main, [*tiny_ckpt[1][1:], f"--out_dir={folders['align']}"], "align"),
+        (align.main, [f"--llm_ckpt={llm_ckpt}", "--vision_weights=none", "--projector_hidden=32",
+                      f"--out_dir={folders['instruct']}", *vlm], "instruct"),
+        (instruct.main, [f"--align_ckpt={align_ckpt}", f"--out_dir={folders['align']}", *vlm], "align"),
+        (align.main, [f"--llm_ckpt={llm_ckpt}", "--vision_weights=none", "--projector_hidden=32",
+                      f"--out_dir={folders['pretrain']}", *vlm], "pretrain")]
+    for main, args, owner in runs:
+        this = main.__module__
+        with pytest.raises(pretrain.TrainingError, match=f"was written by {owner}.py, not {this}.py"):
+            main([*args, "--resume=True"])
+    assert {phase: sorted(os.listdir(folder)) for phase, folder in folders.items()} == before
+
+
+def test_instruct_trains_the_projector_at_projector_lr_scale_times_the_lr(tiny_vlm_ckpts):
+    """Phase 3's optimizer, as its checkpoint saved it: the projector's parameters (and only they) sit in groups
+    whose learning rate at the last step was projector_lr_scale (instruct's default, 4) times the LLM's, which
+    is lr_at that step."""
+    _, instruct_ckpt, _ = tiny_vlm_ckpts
+    state = torch.load(instruct_ckpt, weights_only=True)
+    config, groups = state["config"], state["optimizer"]["param_groups"]
+    scale = config["projector_lr_scale"]
+    assert scale == 4.0
+    lr = pretrain.lr_at(state["step"] - 1, config)
+    projector = [g for g in groups if g["lr"] == pytest.approx(scale * lr, rel=1e-9)]
+    llm = [g for g in groups if g["lr"] == pytest.approx(lr, rel=1e-9)]
+    assert len(projector) + len(llm) == len(groups) and projector and llm
+    vlm, _, _ = align.vlm_from_checkpoint(str(instruct_ckpt))
+    assert sum(len(g["params"]) for g in projector) == len(list(vlm.projector.parameters()))
+    assert sum(len(g["params"]) for g in llm) == len(list(vlm.llm.parameters()))
+
+
 def test_align_resume_caches_features_from_its_own_encoder(tiny_vlm_ckpts, tmp_path):
     """A resumed run encodes its images with the encoder it was trained with, whatever --vision_weights says."""
     import shutil
@@ -1398,7 +1473,7 @@ def test_any_pillow_image_mode_is_captioned(tiny_vlm_ckpts, tmp_path):
     assert np.asarray(grey16).max() > 200 and np.asarray(grey16).min() < 60  # rescaled, not clipped to white
 
 
-def test_align_bad_input(tiny_vlm_ckpts, tmp_path):
+def test_align_bad_input(tiny_vlm_ckpts, tmp_path, monkeypatch):
     _, _, llm_ckpt = tiny_vlm_ckpts
     assert_clean_error(run("align.py", f"--llm_ckpt={tmp_path / 'none.pt'}", f"--out_dir={tmp_path / 'a'}"),
                        "python pretrain.py")
@@ -1412,9 +1487,20 @@ def test_align_bad_input(tiny_vlm_ckpts, tmp_path):
                        "tokenizer without <|begin_of_text|>")
     assert_clean_error(run("align.py", f"--llm_ckpt={llm_ckpt}", "--vision_weights=nothing.pth",
                            f"--out_dir={tmp_path / 'a'}"), "no such file")
-    assert_clean_error(run("align.py", f"--llm_ckpt={llm_ckpt}", "--vision_weights=IMAGENET1K_V1",
-                           "--vision_model=vit_b_16", f"--out_dir={tmp_path / 'a'}",
-                           env={"TORCH_HOME": str(tmp_path / "torch")}), "vit_b_16-c867db91.pth")
+    # The ImageNet weights cannot be downloaded: the download itself is replaced, so that the test never starts
+    # a 330 MB transfer on a machine that has a network (torch.hub calls it when its cache lacks the file).
+    import urllib.error
+    attempts = []
+
+    def no_network(url, *args, **kwargs):
+        attempts.append(url)
+        raise urllib.error.URLError("no network in this test")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty cache
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    vit_b = dict(CONFIG, vision_model="vit_b_16", vision_weights="IMAGENET1K_V1")
+    with pytest.raises(DataError, match="put vit_b_16-c867db91.pth from https://.* at .*torch/hub/checkpoints"):
+        align.load_vision_weights(align.build_vision_transformer(vit_b), vit_b, torch.device("cpu"))
+    assert [os.path.basename(url) for url in attempts] == ["vit_b_16-c867db91.pth"]
     assert_clean_error(run("align.py", f"--llm_ckpt={llm_ckpt}", "--caption_source=hf", "--vision_weights=none",
                            f"--out_dir={tmp_path / 'a'}", env={"HF_HUB_OFFLINE": "1"}), "caption_source=path")
     assert not (tmp_path / "a").exists()
@@ -1643,13 +1729,13 @@ def test_loss_plot_reads_the_runs_printed_lines(tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def tiny_dpo(seed=0, same=False):
+def tiny_dpo(seed=0, same=False, nll_coef=0.0):
     """A DPO of a tiny VLM (vocabulary of tokenizer_for_tests) and a reference: the same weights (same=True), or
     the policy's with every LLM and projector weight nudged, so that reference and policy disagree."""
     policy = tiny_vlm(seed)
     policy.llm = tiny_model(seed, vocab_size=264, context=64)
     policy.llm.requires_grad_(True)
-    model = dpo.DPO(policy, beta=0.3)
+    model = dpo.DPO(policy, beta=0.3, nll_coef=nll_coef)
     if not same:
         with torch.no_grad():
             for name, param in model.reference.named_parameters():
@@ -1683,13 +1769,14 @@ def hand_logprob(logits_row, targets_row):
 
 def test_dpo_loss_and_margins_match_a_brute_force_from_logits():
     """Each pair scored alone, row by row, its log-probs summed by hand: the batched forward (chosen and
-    rejected rows stacked, features shared, both models) gives the same margins and loss."""
-    model, tokenizer = tiny_dpo(), tokenizer_for_tests()
+    rejected rows stacked, features shared, both models) gives the same margins, and the same loss: DPO's plus
+    nll_coef times the chosen responses' mean per-token loss."""
+    model, tokenizer = tiny_dpo(nll_coef=0.5), tokenizer_for_tests()
     _, batches = tiny_pairs(tokenizer, model.policy.n_image_tokens)
     batch = batches.batch("train", [0, 1, 2, 3])
     margins, loss, _ = model.eval()(**batch)
     B = 4
-    expected = []
+    expected, chosen_nll, chosen_tokens = [], 0.0, 0
     for i in range(B):
         reward = {}
         for name, net in (("policy", model.policy), ("reference", model.reference)):
@@ -1697,10 +1784,13 @@ def test_dpo_loss_and_margins_match_a_brute_force_from_logits():
                 chosen = net(batch["tokens"][i:i + 1], features=batch["features"][i:i + 1])[0][0]
                 rejected = net(batch["tokens"][B + i:B + i + 1], features=batch["features"][i:i + 1])[0][0]
             reward[name] = (hand_logprob(chosen, batch["targets"][i]), hand_logprob(rejected, batch["targets"][B + i]))
+        chosen_nll -= reward["policy"][0]
+        chosen_tokens += (batch["targets"][i] != -100).sum().item()
         expected.append(0.3 * ((reward["policy"][0] - reward["reference"][0])
                                - (reward["policy"][1] - reward["reference"][1])))
     assert margins.tolist() == pytest.approx(expected, abs=1e-4)
-    assert loss.item() == pytest.approx(sum(math.log(1 + math.exp(-m)) for m in expected) / B, abs=1e-5)
+    dpo_part = sum(math.log(1 + math.exp(-m)) for m in expected) / B
+    assert loss.item() == pytest.approx(dpo_part + 0.5 * chosen_nll / chosen_tokens, abs=1e-5)
     assert len(set(round(m, 3) for m in expected)) == B  # four different margins: no pair was scored twice
 
 

@@ -14,6 +14,9 @@ import re
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # the repository root: config.py, pretrain.py
+
+from config import ConfigError, run  # noqa: E402 (after the path is set)
 
 ROPE, NOPE, MOE, DENSE = "#4c78a8", "#f58518", "#54a24b", "#9d9d9d"   # the colours every figure uses
 INK, PALE = "#222222", "#f4f4f4"
@@ -213,7 +216,7 @@ def masks(path, length=8, chunk=4):
 
 STEP_LINE = re.compile(r"^step\s+(\d+) \| loss ([0-9.]+)")
 EVAL_LINE = re.compile(r"^eval step (\d+): val loss ([0-9.]+)")
-BASELINE = re.compile(r"token frequencies alone give val loss ([0-9.]+)")
+BASELINE = re.compile(r"frequencies alone gives? val loss ([0-9.]+)")
 
 
 def read_log(path):
@@ -243,7 +246,7 @@ def nice_step(last_step, most=6):
 def loss_plot(log_path, path):
     train, val, baseline = read_log(log_path)
     if not train:
-        raise ValueError(f"{log_path} has no 'step N | loss X' lines; point it at a training run's log.txt")
+        raise ConfigError(f"{log_path} has no 'step N | loss X' lines; point it at a training run's log.txt")
     width, height, left, top, plot_w, plot_h = 720, 420, 70, 40, 600, 300
     last_step = max(step for step, _ in train + val)
     losses = [loss for _, loss in train + val] + ([baseline] if baseline else [])
@@ -280,21 +283,18 @@ def loss_plot(log_path, path):
     svg.save(path)
 
 
-def main(argv):
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     if not argv:
-        sys.path.insert(0, os.path.dirname(HERE))  # the repository root: config.py, pretrain.py
         architecture(os.path.join(HERE, "architecture.svg"))
         masks(os.path.join(HERE, "masks.svg"))
     elif argv[0] == "loss" and len(argv) == 3:
         if not os.path.isfile(argv[1]):
-            raise ValueError(f"no such log file: {argv[1]}")
+            raise ConfigError(f"no such log file: {argv[1]}")
         loss_plot(argv[1], argv[2])
     else:
-        raise ValueError("usage: python docs/figures.py  |  python docs/figures.py loss LOG.txt OUT.svg")
+        raise ConfigError("usage: python docs/figures.py  |  python docs/figures.py loss LOG.txt OUT.svg")
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ValueError as error:
-        sys.exit(f"error: {error}")
+    run(main)
