@@ -88,6 +88,8 @@ CONFIG = dict(
     instruct_ckpt="",           # the phase-3 checkpoint: the policy to tune and its frozen reference; "" means
                                 # <out_root>/instruct/ckpt.pt
     beta=0.1,                   # DPO's beta: the scale of the implicit reward; smaller lets the policy move further
+    nll_coef=0.2,               # weight of the chosen responses' language-model loss added to DPO's: it keeps their
+                                # probability from falling with the rejected ones' (Llama 3's recipe uses 0.2)
     pref_source="shapes",       # "shapes" (pairs made from Shapes World), "hf" (pref_dataset), or local .parquet
                                 # files (paths or glob patterns, comma-separated)
     pref_dataset="HuggingFaceH4/rlaif-v_formatted",  # the Hub dataset read when pref_source="hf"

@@ -78,9 +78,9 @@ class DPO(nn.Module):
     what the policy's training holds.
     """
 
-    def __init__(self, policy, beta):
+    def __init__(self, policy, beta, nll_coef=0.0):
         super().__init__()
-        self.policy, self.beta = policy, beta
+        self.policy, self.beta, self.nll_coef = policy, beta, nll_coef
         # The reference: a frozen copy of the policy as it starts. Deliberately not a registered submodule: the
         # optimizer, DDP, .train(), the experts' usage statistics and the checkpoint see the policy alone (the
         # reference needs no saving: it is --instruct_ckpt).
@@ -99,6 +99,10 @@ class DPO(nn.Module):
         policy = sequence_logprobs(logits, targets).chunk(2)           # (chosen (B,), rejected (B,))
         reference = sequence_logprobs(reference_logits, targets).chunk(2)
         loss, margins = dpo_loss(*policy, *reference, self.beta)
+        if self.nll_coef:  # plus the chosen responses' own language-model loss (see --nll_coef)
+            B = len(margins)
+            loss = loss + self.nll_coef * F.cross_entropy(logits[:B].flatten(0, 1).float(), targets[:B].flatten(),
+                                                          ignore_index=-100)
         return (margins, loss, aux_loss, *counts)
 
     # The checkpoint holds the policy's state dict, exactly a phase-3 VLM's: caption.py and vlm_from_checkpoint
@@ -485,7 +489,7 @@ def main(argv=None):
     for key in ("vision_model", "vision_layer", "image_size", "pixel_shuffle", "projector_hidden"):
         config[key] = instruct_state["config"][key]  # the architecture is the phase-3 checkpoint's
     config["caption_prompt"] = instruct_state["config"].get("caption_prompt", "")  # and its captions' prompt
-    dpo = DPO(policy, config["beta"])
+    dpo = DPO(policy, config["beta"], config["nll_coef"])
     policy.llm.requires_grad_(True)  # the projector and the LLM train; the encoder stays frozen
     policy.projector.requires_grad_(True)
     data = preference_data(dpo.reference, tokenizer, config, device, rank)  # sampled from the phase-3 model
