@@ -31,7 +31,7 @@ from config import ConfigError, get_config, run
 from data import shapes_world
 from data.captions import caption_set
 from data.prepare_text import BOS_ID, EOS_ID, EOT_ID, IMAGE_ID, PAD_ID, SPECIAL_TOKENS, DataError, Progress
-from pretrain import (TrainingError, Transformer, encode, flops_per_token, generate, load_checkpoint,
+from pretrain import (TrainingError, Transformer, check_phase, encode, flops_per_token, generate, load_checkpoint,
                       load_model_state, load_tokenizer, model_from_checkpoint, once_per_node, setup_device, train)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -456,6 +456,7 @@ def main(argv=None):
     vlm.to(device)
     if config["resume"]:
         saved = load_checkpoint(os.path.join(config["out_dir"], "ckpt.pt"), "the same command without --resume")
+        check_phase(saved, config["phase"], os.path.join(config["out_dir"], "ckpt.pt"))
         if saved.get("tokenizer") != tokenizer.to_str():
             raise TrainingError(f"{config['out_dir']}/ckpt.pt was trained on another phase-1 tokenizer than "
                                 f"{config['llm_ckpt']}; resume with the --llm_ckpt it was made from")

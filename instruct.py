@@ -25,7 +25,7 @@ from config import get_config, run
 from data import shapes_world
 from data.captions import CaptionSet
 from data.prepare_text import ASSISTANT_ID, BOS_ID, EOT_ID, IMAGE_ID, USER_ID, DataError, held_out
-from pretrain import encode, flops_per_token, setup_device, train
+from pretrain import check_phase, encode, flops_per_token, load_checkpoint, setup_device, train
 
 IMAGE_MARKER = "<image>"  # where LLaVA-format text puts the image
 
@@ -207,6 +207,9 @@ def main(argv=None):
     rank, world, device = setup_device(config)
     torch.manual_seed(config["seed"])
     vlm, tokenizer, align_state = vlm_from_checkpoint(config["align_ckpt"], "python align.py", device)
+    if config["resume"]:  # another phase's folder: say so before the feature cache is written into it
+        path = os.path.join(config["out_dir"], "ckpt.pt")
+        check_phase(load_checkpoint(path, "the same command without --resume"), "instruct", path)
     vlm.llm.requires_grad_(True)  # phase 3 trains the LLM and the projector; the encoder stays frozen
     vlm.projector.requires_grad_(True)
     for key in ("vision_model", "vision_layer", "image_size", "pixel_shuffle", "projector_hidden"):

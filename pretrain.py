@@ -940,11 +940,22 @@ def train(config, model, batches, evaluate_extra=None, lr_scale=None, checkpoint
     return history
 
 
+def check_phase(state, phase, path):
+    """A run resumes only a checkpoint its own phase wrote: pretrain.py over out/align, say, would otherwise
+    fail later with a misleading message (another model config, another optimizer). Checkpoints that
+    record no phase (older ones, tests' own runs) are not checked."""
+    saved = state.get("phase")
+    if saved and phase and saved != phase:
+        raise TrainingError(f"{path} was written by {saved}.py, not {phase}.py; resume it with {saved}.py, or "
+                            f"pass this run another --out_dir")
+
+
 def resume(training):
     """Load training.path into the model, the optimizer, the fp16 loss scaler, the batches (each rank its own
     data order) and torch's random state; returns the (step, best val loss) to continue from."""
     path, optimizer, rank, world = training.path, training.optimizer, training.rank, training.world
     state = load_checkpoint(path, make_it="the same command without --resume=True")
+    check_phase(state, training.config.get("phase"), path)
     load_model_state(training.model, state["model"], path)
     settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     try:
