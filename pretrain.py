@@ -829,6 +829,15 @@ def flops_per_token(config):
     return 6 * matmul_params + attention
 
 
+def log(config, line):
+    """Print one line of the training log and append it to <out_dir>/log.txt, which a run keeps beside its
+    checkpoint (python docs/figures.py loss <out_dir>/log.txt plot.svg draws the loss curves from it)."""
+    print(line, flush=True)
+    os.makedirs(config["out_dir"], exist_ok=True)
+    with open(os.path.join(config["out_dir"], "log.txt"), "a") as f:
+        f.write(line + "\n")
+
+
 class TrainingRun(NamedTuple):
     """What resume and evaluate_and_save need of a run besides its step; train builds it once."""
     config: dict
@@ -863,6 +872,9 @@ def train(config, model, batches, evaluate_extra=None, lr_scale=None, checkpoint
     training = TrainingRun(config, raw_model, optimizer, scaler, batches, autocast, rank, world, evaluate_extra,
                            checkpoint_extra, ckpt_path)
     step, best_val = resume(training) if config["resume"] else (0, float("inf"))
+    log_path = os.path.join(config["out_dir"], "log.txt")
+    if rank == 0 and not config["resume"] and os.path.exists(log_path):
+        os.remove(log_path)  # a new run starts a new log; a resumed one goes on with its own
     if config["compile"]:
         model = torch.compile(model)
     if world > 1:
@@ -927,10 +939,10 @@ def train(config, model, batches, evaluate_extra=None, lr_scale=None, checkpoint
                 line += f" | MFU {100 * speed * flops_per_token / (world * peak):.1f}%"
             if device.type == "cuda":
                 line += f" | mem {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
-            print(line, flush=True)
+            log(config, line)
         if out_of_time(config, started, device, world):
             if rank == 0:
-                print(f"stopping at step {step}: max_seconds={config['max_seconds']} reached", flush=True)
+                log(config, f"stopping at step {step}: max_seconds={config['max_seconds']} reached")
             break
     # --- the last evaluation and checkpoint ---
     if step > start_step or not os.path.exists(ckpt_path):
@@ -998,8 +1010,8 @@ def evaluate_and_save(training, step, best_val):
     if training.rank == 0:
         usage = f" | experts min/max share {shares.min():.3f}/{shares.max():.3f}" if shares is not None else ""
         metrics = "".join(f" | {k} {v:.3f}" for k, v in extra.items())
-        print(f"eval step {step}: val loss {val_loss:.4f} | perplexity {math.exp(min(val_loss, 50)):.2f}"
-              f"{usage}{metrics}", flush=True)
+        log(training.config, f"eval step {step}: val loss {val_loss:.4f} | perplexity "
+                             f"{math.exp(min(val_loss, 50)):.2f}{usage}{metrics}")
         config = training.config
         save_checkpoint(path, dict(  # the phase that wrote it first; phases 2 and 3 add llm_config, tokenizer
             phase=config.get("phase"), model=model.state_dict(), optimizer=training.optimizer.state_dict(),

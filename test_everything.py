@@ -818,6 +818,9 @@ def tiny_ckpt(tiny_data, tmp_path_factory):
     result = run(*args)
     assert result.returncode == 0, result.stderr
     assert "eval step 30: val loss" in result.stdout
+    # The run's log beside its checkpoint holds exactly the step and eval lines it printed.
+    printed = [line for line in result.stdout.splitlines() if line.startswith(("step ", "eval step "))]
+    assert (out / "log.txt").read_text().splitlines() == printed and len(printed) >= 2
     return out / "ckpt.pt", args
 
 
