@@ -335,6 +335,18 @@ def caption_examples(split, vlm, tokenizer, config):
     return data, [caption_sequence(ids, vlm.n_image_tokens, prompt) for ids in encoded]
 
 
+def right_pad(sequences):
+    """(tokens, targets), each (B, longest), of a list of (tokens, targets) sequences: tokens padded with
+    <|pad|>, targets with -100, so that padding is never a target."""
+    length = max(len(tokens) for tokens, _ in sequences)
+    tokens = torch.full((len(sequences), length), PAD_ID)
+    targets = torch.full((len(sequences), length), -100)
+    for i, (seq_tokens, seq_targets) in enumerate(sequences):
+        tokens[i, :len(seq_tokens)] = torch.tensor(seq_tokens)
+        targets[i, :len(seq_targets)] = torch.tensor(seq_targets)
+    return tokens, targets
+
+
 class CaptionBatches:
     """Random batches of image + text sequences with the images' features (cached) or pixels (computed each
     step). `examples(split, vlm, tokenizer, config)` gives each split's (CaptionSet, sequences): captions in
@@ -365,13 +377,8 @@ class CaptionBatches:
 
     def batch(self, split, rows):
         """Right-padded (tokens, targets) of the given caption rows, plus their features or images."""
-        data, sequences = self.sets[split], [self.sequences[split][r] for r in rows]
-        length = max(len(tokens) for tokens, _ in sequences)
-        tokens = torch.full((len(rows), length), PAD_ID)
-        targets = torch.full((len(rows), length), -100)
-        for i, (seq_tokens, seq_targets) in enumerate(sequences):
-            tokens[i, :len(seq_tokens)] = torch.tensor(seq_tokens)
-            targets[i, :len(seq_targets)] = torch.tensor(seq_targets)
+        data = self.sets[split]
+        tokens, targets = right_pad([self.sequences[split][r] for r in rows])
         images = [data.pairs[r][0] for r in rows]
         batch = dict(tokens=tokens.to(self.device), targets=targets.to(self.device))
         if split in self.features:

@@ -36,11 +36,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from align import (caption_accuracy, caption_images, caption_prompt, caption_sequence, compute_features,
-                   image_transform, open_image, set_epochs, vlm_from_checkpoint)
+                   image_transform, open_image, right_pad, set_epochs, vlm_from_checkpoint)
 from config import get_config
 from data import shapes_world
 from data.captions import _load, shapes_captions
-from data.prepare_text import BOS_ID, PAD_ID, DataError, held_out
+from data.prepare_text import BOS_ID, DataError, held_out
 from instruct import IMAGE_MARKER, answer_accuracy, question_prefix, render_conversation, shapes_conversations
 from pretrain import autocast_dtype, encode, evaluate, flops_per_token, run, setup_device, train
 
@@ -172,12 +172,7 @@ class PreferenceBatches:
 
     def batch(self, split, rows):
         sides = [self.sequences[split][r][0] for r in rows] + [self.sequences[split][r][1] for r in rows]
-        length = max(len(tokens) for tokens, _ in sides)
-        tokens = torch.full((len(sides), length), PAD_ID)
-        targets = torch.full((len(sides), length), -100)
-        for i, (side_tokens, side_targets) in enumerate(sides):
-            tokens[i, :len(side_tokens)] = torch.tensor(side_tokens)
-            targets[i, :len(side_targets)] = torch.tensor(side_targets)
+        tokens, targets = right_pad(sides)                             # chosen rows first, then rejected
         features = features_at(self.features[split], [self.pairs[split][r].image for r in rows], self.device)
         return dict(tokens=tokens.to(self.device), targets=targets.to(self.device), features=features)
 
