@@ -25,6 +25,11 @@ def main(argv=None):
     phase = "instruct" if question else "align"  # a question needs phase 3's chat; a caption, phase 2
     path = config["ckpt"] or f"{config['out_root']}/{phase}/ckpt.pt"
     vlm, tokenizer, state = vlm_from_checkpoint(path, f"python {phase}.py", device)
+    if not question and state.get("phase") in ("instruct", "dpo"):
+        # A chat model has been trained on turns since phase 2 and no longer captions in phase 2's form
+        # (exact captions fall to ~0 %); it is asked for its caption in a turn, as phase 3 taught it.
+        from instruct import CAPTION_REQUEST
+        question = CAPTION_REQUEST
     image = open_image(config["image"])
     with torch.no_grad():
         features = vlm.image_features(image_transform(state["config"])(image)[None].to(device))

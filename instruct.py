@@ -28,6 +28,7 @@ from data.prepare_text import ASSISTANT_ID, BOS_ID, EOT_ID, IMAGE_ID, USER_ID, D
 from pretrain import check_phase, encode, flops_per_token, load_checkpoint, setup_device, train
 
 IMAGE_MARKER = "<image>"  # where LLaVA-format text puts the image
+CAPTION_REQUEST = "describe the picture."  # how a Shapes World conversation asks for the caption
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -75,7 +76,7 @@ def shapes_conversations(split, n, seed, image_size):
     for i, scene in enumerate(scenes):
         qa = [(q, a) for q, a, _ in shapes_world.questions(scene, rng)]
         if rng.random() < 0.2:
-            qa.append(("describe the picture.", shapes_world.caption(scene)))
+            qa.append((CAPTION_REQUEST, shapes_world.caption(scene)))
         rng.shuffle(qa)
         turns = qa[:rng.randint(1, 3)]
         turns[0] = (IMAGE_MARKER + turns[0][0], turns[0][1])
