@@ -160,7 +160,7 @@ def score_answer(text: str, expected: str) -> bool:
 # -----------------------------------------------------------------------------
 # Rendering: the same scene always gives the same pixels
 
-SUPERSAMPLE = 4  # draw 4x larger, then average down: smooth edges, so small shapes keep their form at 64 px
+SUPERSAMPLE = 4  # draw 4x larger, then average down: smooth edges, so small shapes keep their form at 48 px
 
 
 def outline(kind: str, x: float, y: float, radius: float) -> list:
