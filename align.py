@@ -423,25 +423,39 @@ def caption_images(vlm, features, max_new_tokens=64, before=(BOS_ID,), after=(),
     return [list(itertools.takewhile(lambda t: t not in (EOS_ID, EOT_ID), row)) for row in new_ids.tolist()]
 
 
-def caption_accuracy(vlm, batches, tokenizer, n_images, prompt=(), batch_size=100):
-    """Greedy captions of n held-out Shapes World scenes, scored against the truth: "exact" counts a caption
-    right only when every shape's kind, colour, size and position is right and none is missing or extra.
-    `prompt`: the caption prompt's token ids (caption_prompt), as in training."""
+def held_out_captions(vlm, batches, tokenizer, n_images, prompt=(), before=(BOS_ID,), batch_size=100):
+    """[(greedy caption, scene)] of the first n held-out Shapes World scenes. `prompt`: the token ids after the
+    image (caption_prompt's, as in training); `before`: those before it. A chat model (phase 3, DPO) is asked in
+    a turn instead: before, prompt = instruct.question_prefix(tokenizer, instruct.CAPTION_REQUEST)."""
     data = batches.sets["val"]
-    if data.scenes is None:
-        return {}
     was_training = vlm.training
     vlm.eval()
-    totals = {}
-    n_images = min(n_images, len(data.scenes))
+    captions, n_images = [], min(n_images, len(data.scenes))
     for start in range(0, n_images, batch_size):
         rows = list(range(start, min(start + batch_size, n_images)))
-        for row, ids in zip(rows, caption_images(vlm, batches.features_of(vlm, "val", rows), after=prompt)):
-            score = shapes_world.score_caption(tokenizer.decode(ids), data.scenes[data.pairs[row][0]])
-            for key, value in score.items():
-                totals[key] = totals.get(key, 0.0) + float(value)
+        features = batches.features_of(vlm, "val", rows)
+        for row, ids in zip(rows, caption_images(vlm, features, before=before, after=prompt)):
+            captions.append((tokenizer.decode(ids), data.scenes[data.pairs[row][0]]))
     vlm.train(was_training)
-    return {f"caption {k}": v / n_images for k, v in totals.items()}
+    return captions
+
+
+def caption_scores(captions):
+    """The mean of each score of shapes_world.score_caption over [(caption, scene)]: "caption exact" counts a
+    caption right only when every shape's kind, colour, size and position is right and none is missing or extra."""
+    totals = {}
+    for text, scene in captions:
+        for key, value in shapes_world.score_caption(text, scene).items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+    return {f"caption {k}": v / len(captions) for k, v in totals.items()}
+
+
+def caption_accuracy(vlm, batches, tokenizer, n_images, prompt=(), batch_size=100):
+    """Greedy captions of n held-out Shapes World scenes, scored against the truth (caption_scores).
+    `prompt`: the caption prompt's token ids (caption_prompt), as in training."""
+    if batches.sets["val"].scenes is None:
+        return {}
+    return caption_scores(held_out_captions(vlm, batches, tokenizer, n_images, prompt, batch_size=batch_size))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -35,14 +35,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from align import (caption_accuracy, caption_images, caption_prompt, caption_sequence, compute_features,
-                   image_transform, open_image, right_pad, set_epochs, vlm_from_checkpoint)
+from align import (caption_images, caption_scores, compute_features, held_out_captions, image_transform,
+                   open_image, right_pad, set_epochs, vlm_from_checkpoint)
 from config import get_config
 from data import shapes_world
-from data.captions import _load, shapes_captions
-from data.prepare_text import BOS_ID, DataError, held_out
-from instruct import IMAGE_MARKER, answer_accuracy, question_prefix, render_conversation, shapes_conversations
-from pretrain import autocast_dtype, encode, evaluate, flops_per_token, run, setup_device, train
+from data.captions import load_or_explain, shapes_captions
+from data.prepare_text import DataError, held_out
+from instruct import (CAPTION_REQUEST, IMAGE_MARKER, answer_accuracy, question_prefix, render_conversation,
+                      shapes_conversations)
+from pretrain import autocast_dtype, evaluate, flops_per_token, run, setup_device, train
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -117,27 +118,22 @@ class DPO(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 # Preference pairs, and batches of them
 # ----------------------------------------------------------------------------------------------------------
-# A pair is an image, a prompt and two responses. The prompt is a question, rendered as one chat turn as in
-# phase 3, or None: a caption in phase 2's format (<|begin_of_text|> image caption_prompt caption
-# <|end_of_text|>), which is what caption.py without --prompt and the caption scores generate.
+# A pair is an image, a prompt and two responses. The prompt is rendered as one chat turn, as in phase 3; a
+# Shapes World caption is asked for with instruct.CAPTION_REQUEST ("describe the picture."), as phase 3 taught
+# and as caption.py asks a chat checkpoint. (A chat model no longer captions in phase 2's turnless form.)
 
 Pair = namedtuple("Pair", "image prompt chosen rejected origin")
 
 
-def render_response(prompt, response, tokenizer, n_image_tokens, context, caption_ids=()):
-    """(tokens, targets) of one response to the prompt; targets are -100 except on the response and its end.
-    caption_ids: the caption prompt's token ids (align.caption_prompt)."""
-    if prompt is None:
-        room = context - n_image_tokens - len(caption_ids) - 2
-        text = f" {response}" if caption_ids else response  # after "caption:" a word, with its space, as in phase 2
-        return caption_sequence(encode(tokenizer, text)[:room], n_image_tokens, caption_ids)
+def render_response(prompt, response, tokenizer, n_image_tokens, context):
+    """(tokens, targets) of one response to the prompt; targets are -100 except on the response and its end."""
     question = prompt if IMAGE_MARKER in prompt else IMAGE_MARKER + prompt  # the image first, as in phase 3
     return render_conversation([(question, response)], tokenizer, n_image_tokens, context)
 
 
-def render_pair(pair, tokenizer, n_image_tokens, context, caption_ids=()):
+def render_pair(pair, tokenizer, n_image_tokens, context):
     """The (tokens, targets) of the chosen and of the rejected response, or a DataError if one is cut away."""
-    sides = [render_response(pair.prompt, text, tokenizer, n_image_tokens, context, caption_ids)
+    sides = [render_response(pair.prompt, text, tokenizer, n_image_tokens, context)
              for text in (pair.chosen, pair.rejected)]
     if any(all(t == -100 for t in targets) for _, targets in sides):
         raise DataError("the prompt leaves no room for the response in the context")
@@ -154,14 +150,14 @@ class PreferenceBatches:
     responses, then the B rejected ones, right-padded - and the B images' cached encoder features.
     data: {split: (pairs, features)}."""
 
-    def __init__(self, data, tokenizer, n_image_tokens, context, config, device, rank=0, caption_ids=()):
+    def __init__(self, data, tokenizer, n_image_tokens, context, config, device, rank=0):
         self.device, self.batch_size, self.eval_iters = device, config["batch_size"], config["eval_iters"]
         self.pairs, self.features, self.sequences = {}, {}, {}
         for split, (pairs, features) in data.items():
             self.pairs[split], self.sequences[split], self.features[split] = [], [], features
             for pair in pairs:
                 try:
-                    self.sequences[split].append(render_pair(pair, tokenizer, n_image_tokens, context, caption_ids))
+                    self.sequences[split].append(render_pair(pair, tokenizer, n_image_tokens, context))
                     self.pairs[split].append(pair)
                 except DataError as problem:
                     if rank == 0:
@@ -240,21 +236,21 @@ def corrupt_caption(scene, rng):
 
 
 @torch.no_grad()
-def respond(vlm, features, asks, tokenizer, caption_ids=(), **sampling):
-    """The model's response to each (image row, prompt) of `asks`, as text: an answer of at most 8 tokens (as
-    the answer score allows) to a question, or a caption of at most 64 where the prompt is None. Asks whose
-    prompts are equally long are generated as one batch, so that no prompt needs padding."""
+def respond(vlm, features, asks, tokenizer, **sampling):
+    """The model's response to each (image row, prompt) of `asks`, as text: a caption of at most 64 tokens to
+    CAPTION_REQUEST, else an answer of at most 8 (as the answer score allows). Asks whose prompts are equally
+    long are generated as one batch, so that no prompt needs padding."""
     groups = {}
     for i, (row, prompt) in enumerate(asks):
-        before, after = ((BOS_ID,), tuple(caption_ids)) if prompt is None else question_prefix(tokenizer, prompt)
-        groups.setdefault((before, len(after)), []).append((i, row, after))
+        before, after = question_prefix(tokenizer, prompt)  # `before` is the same for every prompt
+        groups.setdefault((len(after), prompt == CAPTION_REQUEST), []).append((i, row, after))
     responses, device = [None] * len(asks), vlm.llm.lm_head.weight.device
-    for (before, _), group in groups.items():
+    for (_, is_caption), group in groups.items():
         for start in range(0, len(group), 256):
             chunk = group[start:start + 256]
             after = torch.tensor([list(a) for _, _, a in chunk], dtype=torch.long, device=device).view(len(chunk), -1)
             features_now = features_at(features, [row for _, row, _ in chunk], device)
-            new_ids = caption_images(vlm, features_now, 64 if before == (BOS_ID,) else 8, before, after, **sampling)
+            new_ids = caption_images(vlm, features_now, 64 if is_caption else 8, before, after, **sampling)
             for (i, _, _), ids in zip(chunk, new_ids):
                 responses[i] = tokenizer.decode(ids).strip()
     return responses
@@ -277,12 +273,11 @@ def shapes_preferences(reference, tokenizer, config, split, device, rank):
         for question, answer, qtype in shapes_world.questions(scene, rng):
             asks.append((row, question))
             truths.append((answer, qtype))
-        asks.append((row, None))
+        asks.append((row, CAPTION_REQUEST))
         truths.append((shapes_world.caption(scene), "caption"))
     generator = torch.Generator(device).manual_seed(config["seed"])
-    caption_ids = caption_prompt(tokenizer, config)
-    attempts = [respond(reference, features, asks, tokenizer, caption_ids)]
-    attempts += [respond(reference, features, asks, tokenizer, caption_ids, temperature=1.0, generator=generator)
+    attempts = [respond(reference, features, asks, tokenizer)]
+    attempts += [respond(reference, features, asks, tokenizer, temperature=1.0, generator=generator)
                  for _ in range(config["pref_samples"])]
     pairs = []
     for i, ((row, prompt), (truth, qtype)) in enumerate(zip(asks, truths)):
@@ -365,16 +360,16 @@ def rlaif_preferences(config, split):
     hint = 'to use local files instead: --pref_source="path/to/*.parquet" (columns images, prompt, chosen, rejected)'
     if source == "hf":
         name = config["pref_dataset"]
-        dataset = _load(lambda: datasets.load_dataset(name, split="test" if split == "val" else "train"),
-                        f"dataset {name} from the Hugging Face Hub", hint)
+        dataset = load_or_explain(lambda: datasets.load_dataset(name, split="test" if split == "val" else "train"),
+                                  f"dataset {name} from the Hugging Face Hub", hint)
         in_split = lambda number: True
     else:
         paths = [path for pattern in source.split(",") for path in sorted(glob.glob(pattern))]
         if not paths or not all(path.endswith(".parquet") and os.path.isfile(path) for path in paths):
             raise DataError(f"--pref_source={source}: no .parquet files there (or use shapes or hf)")
         name = source
-        dataset = _load(lambda: datasets.load_dataset("parquet", data_files=paths, split="train"),
-                        f"parquet files {source}", "they need columns images, prompt, chosen and rejected")
+        dataset = load_or_explain(lambda: datasets.load_dataset("parquet", data_files=paths, split="train"),
+                                  f"parquet files {source}", "they need columns images, prompt, chosen and rejected")
         in_split = lambda number: held_out(number) == (split == "val")
     missing = {"images", "prompt", "chosen", "rejected"} - set(dataset.column_names)
     if missing:
@@ -434,32 +429,30 @@ class HeldOutScenes:
 NAMED_SHAPE = re.compile(rf"\b({'|'.join(shapes_world.COLORS)}) ({'|'.join(shapes_world.KINDS)})\b")
 
 
-def hallucination(vlm, held_out_scenes, tokenizer, caption_ids=()):
-    """The share of greedy captions of the held-out scenes that name a (colour, kind) absent from the scene."""
-    data = held_out_scenes.sets["val"]
+def hallucination(captions):
+    """The share of [(caption, scene)] whose caption names a (colour, kind) absent from its scene."""
     made_up = 0
-    for start in range(0, len(data.pairs), 100):
-        rows = list(range(start, min(start + 100, len(data.pairs))))
-        features = held_out_scenes.features_of(vlm, "val", rows)
-        for row, ids in zip(rows, caption_images(vlm, features, 64, (BOS_ID,), caption_ids)):
-            present = {(s["color"], s["kind"]) for s in data.scenes[data.pairs[row][0]]["shapes"]}
-            made_up += any(named not in present for named in NAMED_SHAPE.findall(tokenizer.decode(ids)))
-    return made_up / len(data.pairs)
+    for text, scene in captions:
+        present = {(shape["color"], shape["kind"]) for shape in scene["shapes"]}
+        made_up += any(named not in present for named in NAMED_SHAPE.findall(text))
+    return made_up / len(captions)
 
 
 @torch.no_grad()
-def evaluate_dpo(dpo, batches, tokenizer, answers=None, captions=None, caption_ids=()):
+def evaluate_dpo(dpo, batches, tokenizer, answers=None, captions=None):
     """pref acc (the share of held-out pairs whose reward margin is > 0) and margin (their mean); with Shapes
-    World, also answer accuracy on phase 3's held-out questions, caption scores on phase 2's held-out scenes
-    and the hallucination rate of those captions."""
+    World, also answer accuracy on phase 3's held-out questions, and the scores and hallucination rate of
+    greedy captions of phase 2's held-out scenes, asked for in a turn (CAPTION_REQUEST) as in the pairs."""
     was_training = dpo.training
     dpo.eval()
     margins = torch.cat([dpo(**batch)[0].float() for batch in batches.eval_batches()])
     metrics = {"pref acc": (margins > 0).float().mean().item(), "margin": margins.mean().item()}
     if answers is not None:
         metrics.update(answer_accuracy(dpo.policy, answers, tokenizer))
-        metrics.update(caption_accuracy(dpo.policy, captions, tokenizer, len(captions.sets["val"].pairs), caption_ids))
-        metrics["hallucination"] = hallucination(dpo.policy, captions, tokenizer, caption_ids)
+        before, after = question_prefix(tokenizer, CAPTION_REQUEST)
+        said = held_out_captions(dpo.policy, captions, tokenizer, len(captions.sets["val"].pairs), after, before)
+        metrics.update(caption_scores(said))
+        metrics["hallucination"] = hallucination(said)
     dpo.train(was_training)
     return metrics
 
@@ -483,19 +476,16 @@ def main(argv=None):
     policy, tokenizer, instruct_state = vlm_from_checkpoint(config["instruct_ckpt"], "python instruct.py", device)
     for key in ("vision_model", "vision_layer", "image_size", "pixel_shuffle", "projector_hidden"):
         config[key] = instruct_state["config"][key]  # the architecture is the phase-3 checkpoint's
-    config["caption_prompt"] = instruct_state["config"].get("caption_prompt", "")  # and its captions' prompt
     dpo = DPO(policy, config["beta"], config["nll_coef"])
     policy.llm.requires_grad_(True)  # the projector and the LLM train; the encoder stays frozen
     policy.projector.requires_grad_(True)
     data = preference_data(dpo.reference, tokenizer, config, device, rank)  # sampled from the phase-3 model
-    caption_ids = caption_prompt(tokenizer, config)
-    batches = PreferenceBatches(data, tokenizer, policy.n_image_tokens, policy.config["context"], config, device, rank,
-                                caption_ids)
+    batches = PreferenceBatches(data, tokenizer, policy.n_image_tokens, policy.config["context"], config, device, rank)
     set_epochs(config, len(batches.pairs["train"]), world)
     answers = captions = None
     if config["pref_source"] == "shapes":
         answers, captions = held_out_scenes(instruct_state["config"], config, policy, device)
-    evaluate_extra = lambda model: evaluate_dpo(model, batches, tokenizer, answers, captions, caption_ids)
+    evaluate_extra = lambda model: evaluate_dpo(model, batches, tokenizer, answers, captions)
     if rank == 0:
         trainable = sum(p.numel() for p in dpo.parameters() if p.requires_grad)
         print(f"VLM: {trainable:,} trainable parameters (LLM + projector) and a frozen reference; beta "

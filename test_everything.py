@@ -1748,15 +1748,16 @@ def tiny_dpo(seed=0, same=False, nll_coef=0.0):
 
 
 def tiny_pairs(tokenizer, n_image_tokens):
-    """Four pairs - two questions in the chat format, two captions in phase 2's - and their padded batch."""
+    """Four pairs - two answers, two captions asked for in a turn - and their padded batch."""
+    ask = instruct.CAPTION_REQUEST
     pairs = [dpo.Pair(0, "is there a red circle?", "yes", "no", "test"),
              dpo.Pair(1, "where is the blue star?", "top left", "bottom right", "test"),
-             dpo.Pair(2, None, "a small red circle in the center.", "a large green star on the left.", "test"),
-             dpo.Pair(3, None, "a small blue square at the top.", "a small blue square at the top and a red star.", "test")]
+             # short captions: the test tokenizer spells most words letter by letter, in a context of 64
+             dpo.Pair(2, ask, "a small red circle.", "a large green star.", "test"),
+             dpo.Pair(3, ask, "a blue square.", "a blue square and a red star.", "test")]
     features = torch.randn(4, 16, 128)
     batches = dpo.PreferenceBatches({"train": (pairs, features), "val": (pairs, features)}, tokenizer,
-                                    n_image_tokens, 64, dict(batch_size=4, eval_iters=1, seed=0), torch.device("cpu"),
-                                    caption_ids=pretrain.encode(tokenizer, "\ncaption:"))
+                                    n_image_tokens, 64, dict(batch_size=4, eval_iters=1, seed=0), torch.device("cpu"))
     return pairs, batches
 
 
@@ -1817,10 +1818,7 @@ def test_summed_logprob_is_a_hand_sum_over_exactly_the_response_tokens():
     for row in range(8):
         pair = pairs[row % 4]
         response = pair.chosen if row < 4 else pair.rejected
-        if pair.prompt is None:
-            prompt, reply = [BOS_ID] + [IMAGE_ID] * 4 + e("\ncaption:"), e(" " + response) + [EOS_ID]
-        else:
-            prompt, reply = [BOS_ID, USER_ID] + [IMAGE_ID] * 4 + e(pair.prompt) + [EOT_ID, ASSISTANT_ID], e(response) + [EOT_ID]
+        prompt, reply = [BOS_ID, USER_ID] + [IMAGE_ID] * 4 + e(pair.prompt) + [EOT_ID, ASSISTANT_ID], e(response) + [EOT_ID]
         sequence = prompt + reply
         assert batch["tokens"][row, :len(sequence) - 1].tolist() == sequence[:-1]
         scored = range(len(prompt) - 1, len(sequence) - 1)  # position p predicts token p + 1
@@ -2063,7 +2061,7 @@ def test_shapes_pairs_come_from_training_scenes_and_made_up_captions_differ_by_o
         assert {p.origin.split()[0] for p in pairs} <= {"own", "made-up"}
         for pair in pairs:
             assert pair.chosen != pair.rejected
-            if pair.prompt is None:
+            if pair.prompt == instruct.CAPTION_REQUEST:
                 truth = shapes_world.parse_caption(pair.chosen)
                 assert shapes_world.split_of({"shapes": truth}) == split
             if pair.origin.startswith("made-up caption"):
@@ -2078,6 +2076,23 @@ def test_shapes_pairs_come_from_training_scenes_and_made_up_captions_differ_by_o
                     assert len(made_up) == len(truth) and others(made_up) == others(truth)
         counts = {p.origin.split()[1] for p in pairs if p.origin.startswith("made-up")}
         assert counts == {"caption", "color", "kind", "count", "position", "exists"} or split == "val"
+
+
+def test_hallucination_counts_captions_that_name_a_colour_and_kind_absent_from_the_scene():
+    """Hand-written captions of one scene, each with its verdict by hand: a missing shape or a cut caption is
+    not a hallucination; a (colour, kind) pair that is not in the picture is, even when each word of it is."""
+    scene = {"shapes": [{"kind": "star", "color": "blue", "size": "large", "position": "top"},
+                        {"kind": "circle", "color": "red", "size": "small", "position": "center"}]}
+    cases = [("a large blue star at the top and a small red circle in the center.", 0),
+             ("a small red circle in the center.", 0),                 # a shape left out
+             ("a large blue star at the top and a small red circ", 0),  # cut short
+             ("", 0),
+             ("a small blue circle in the center.", 1),                # blue and circle, but no blue circle
+             ("a large red star at the top.", 1),
+             ("a large blue star at the top, a small red circle in the center and a green square on the left.", 1)]
+    for text, expected in cases:
+        assert dpo.hallucination([(text, scene)]) == expected, text
+    assert dpo.hallucination([(text, scene) for text, _ in cases]) == pytest.approx(3 / 7)
 
 
 def write_rlaif(tmp_path, n_good=60):

@@ -65,7 +65,9 @@ def _decode(dataset, row, name):
                         f"({type(error).__name__}: {str(error)[:100]})") from None
 
 
-def _load(loader, what, hint):
+def load_or_explain(loader, what, hint):
+    """loader(), a `datasets` load; a failure to reach or read it (no network, no such files) becomes one
+    DataError line naming what was loaded and how to do without it."""
     import datasets
     import huggingface_hub
     datasets.logging.set_verbosity_error()
@@ -82,8 +84,8 @@ def hub_captions(config, split):
     name = config["caption_dataset"]
     hint = ("to use local files instead: --caption_source=path/to/folder (images + metadata.jsonl) "
             "or --caption_source=captions.parquet")
-    dataset = _load(lambda: datasets.load_dataset(name, split="validation" if split == "val" else "train"),
-                    f"dataset {name} from the Hugging Face Hub", hint)
+    dataset = load_or_explain(lambda: datasets.load_dataset(name, split="validation" if split == "val" else "train"),
+                              f"dataset {name} from the Hugging Face Hub", hint)
     return _from_dataset(dataset, "caption", "filename", lambda j: True, f"{name} {split}")
 
 
@@ -94,15 +96,15 @@ def local_captions(config, split):
     if os.path.isdir(source):
         if not os.path.isfile(os.path.join(source, "metadata.jsonl")):
             raise DataError(f"{source} has no metadata.jsonl (lines of {{\"file_name\": ..., \"text\": ...}})")
-        dataset = _load(lambda: datasets.load_dataset("imagefolder", data_dir=source, split="train"),
-                        f"image folder {source}", "check metadata.jsonl and the image files")
+        dataset = load_or_explain(lambda: datasets.load_dataset("imagefolder", data_dir=source, split="train"),
+                                  f"image folder {source}", "check metadata.jsonl and the image files")
         return _from_dataset(dataset, "text", "file_name", keep, f"{source} {split}")
     paths = source.split(",")
     for path in paths:
         if not os.path.isfile(path) or not path.endswith(".parquet"):
             raise DataError(f"caption source {path} is neither a folder nor a .parquet file")
-    dataset = _load(lambda: datasets.load_dataset("parquet", data_files=paths, split="train"),
-                    f"parquet files {source}", "they need columns image and caption (and filename)")
+    dataset = load_or_explain(lambda: datasets.load_dataset("parquet", data_files=paths, split="train"),
+                              f"parquet files {source}", "they need columns image and caption (and filename)")
     return _from_dataset(dataset, "caption", "filename", keep, f"{source} {split}")
 
 
