@@ -88,8 +88,9 @@ CONFIG = dict(
     instruct_ckpt="",           # the phase-3 checkpoint: the policy to tune and its frozen reference; "" means
                                 # <out_root>/instruct/ckpt.pt
     beta=0.1,                   # DPO's beta: the scale of the implicit reward; smaller lets the policy move further
-    nll_coef=0.2,               # weight of the chosen responses' language-model loss added to DPO's: it keeps their
-                                # probability from falling with the rejected ones' (Llama 3's recipe uses 0.2)
+    nll_coef=1.0,               # weight of the chosen responses' language-model loss added to DPO's: it keeps their
+                                # probability from falling with the rejected ones' (Iterative RPO, Pang et al. 2024: 1;
+                                # Llama 3: 0.2)
     pref_source="shapes",       # "shapes" (pairs made from Shapes World), "hf" (pref_dataset), or local .parquet
                                 # files (paths or glob patterns, comma-separated)
     pref_dataset="HuggingFaceH4/rlaif-v_formatted",  # the Hub dataset read when pref_source="hf"
@@ -161,7 +162,7 @@ PHASE_DEFAULTS = {
                   log_interval=100, eval_iters=10),
     "instruct": dict(lr=1e-3, min_lr=1e-4, batch_size=32, max_iters=1600, warmup_iters=30, eval_interval=400,
                      log_interval=100, eval_iters=10, eval_images=100, projector_lr_scale=4.0),
-    "dpo": dict(lr=1e-4, min_lr=1e-5, batch_size=32, max_iters=200, warmup_iters=20, eval_interval=100,
+    "dpo": dict(lr=5e-5, min_lr=5e-6, batch_size=32, max_iters=200, warmup_iters=20, eval_interval=100,
                 log_interval=20, eval_iters=20),
     "export": dict(out_dir="out/hf"),
     "shapes_world": dict(out_dir="out/shapes_samples"),
