@@ -1589,6 +1589,26 @@ def test_caption_score_on_hand_written_captions(text, expected):
     assert shapes_world.score_caption(text, TWO_SHAPES) == expected
 
 
+def test_grid_statement_is_every_cell_in_reading_order():
+    """The grid form written out by hand for one scene, and for random scenes read back cell by cell: nine
+    cells in reading order, each the shape there or "empty", nothing else."""
+    scene = {"shapes": [{"kind": "circle", "color": "red", "size": "large", "position": "top"},
+                        {"kind": "star", "color": "blue", "size": "small", "position": "right"}]}
+    assert shapes_world.state_grid(scene, random.Random(0)) == (
+        "the grid, row by row:\n"
+        "top left: empty, top: large red circle, top right: empty\n"
+        "left: empty, center: empty, right: small blue star\n"
+        "bottom left: empty, bottom: empty, bottom right: empty")
+    rng = random.Random(1)
+    for _ in range(50):
+        scene = shapes_world.random_scene(rng)
+        lines = shapes_world.state_grid(scene, rng).split("\n")
+        cells = [cell.split(": ") for line in lines[1:] for cell in line.split(", ")]
+        assert [place for place, _ in cells] == list(shapes_world.POSITIONS)
+        shapes = {s["position"]: f"{s['size']} {s['color']} {s['kind']}" for s in scene["shapes"]}
+        assert [said for _, said in cells] == [shapes.get(place, "empty") for place in shapes_world.POSITIONS]
+
+
 @pytest.mark.parametrize("text, expected, right", [
     ("bottom left", "bottom left", True), (" two ", "two", True), ("yes", "yes", True),
     ("bottom", "bottom left", False), ("bottom left", "bottom", False), ("centre", "center", False),
