@@ -343,14 +343,14 @@ def describe(scene: dict, rng: random.Random) -> str:
 
     Every document is restated (since corpus 3). When only 60 % were (corpus 2), whether phase 1 learned to
     copy all three attributes within its 900 steps depended on the seed: seed 2 never copied a size (0.69
-    nats, a blind guess between two). Restating every document, it copied all three by step 600 on seeds 1
-    and 2. Corpus 4 added the grid form (state_grid). docs/research.md has the measurements.
+    nats, a blind guess between two). Restating every document, it copied all three by step 600 on seed 1
+    and by step 900 on seed 2. Corpus 4 added the grid form (state_grid). docs/research.md has the numbers.
     """
     first = rng.choice(STATEMENTS)
     parts = [first(scene, rng)]
     if rng.random() < 0.67:  # word for word in the caption's form, as a caption of phase 2 restates the image
         parts.append(rng.choice(("in short: ", "again: ", "caption: ", "")) + caption(scene))
-    else:                    # or in another form: the same facts in another order of words
+    else:                    # or in another of the seven forms
         parts.append(rng.choice([s for s in STATEMENTS if s is not first])(scene, rng))
     if rng.random() < 0.6:
         parts.append(question_block(scene, rng))
