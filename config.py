@@ -160,7 +160,7 @@ POSITIONAL = {"caption": ("image",), "export": ("ckpt", "out_dir"), "shapes_worl
 PHASE_DEFAULTS = {
     "align": dict(lr=3e-3, min_lr=3e-4, batch_size=32, max_iters=2400, warmup_iters=30, eval_interval=600,
                   log_interval=100, eval_iters=10),
-    "instruct": dict(lr=1e-3, min_lr=1e-4, batch_size=32, max_iters=800, warmup_iters=30, eval_interval=200,
+    "instruct": dict(lr=1e-3, min_lr=1e-4, batch_size=32, max_iters=1600, warmup_iters=30, eval_interval=400,
                      log_interval=100, eval_iters=10, eval_images=100, projector_lr_scale=4.0),
     "dpo": dict(lr=5e-5, min_lr=5e-6, batch_size=32, max_iters=200, warmup_iters=20, eval_interval=100,
                 log_interval=20, eval_iters=20),
