@@ -304,7 +304,7 @@ class Attention(nn.Module):
             # The bound is why the head width matters in a small model: with 32-dim heads no RoPE-layer logit
             # passes ±5.7, too blunt to pick one earlier word out of dozens, and the default model copied a
             # restated shape kind at 0.46 nats after 1,000 steps; with 64-dim heads (±8; Llama 4's 128: ±11.3)
-            # it reached 0.06 (the copy test, README: Results).
+            # it reached 0.06 (the copy test; docs/research.md).
             q, k = rms_normalize(q, self.eps), rms_normalize(k, self.eps)
         elif offset + T >= self.floor_scale:  # below that every position's temperature is exactly 1
             positions = torch.arange(offset, offset + T, device=x.device, dtype=torch.float32)

@@ -122,7 +122,7 @@ def draw_attention(svg, c, left):
                            f"q: {c['n_heads']} heads, k and v: {c['n_kv_heads']} heads (GQA)"])
     lane = (w - 12) / 2
     svg.box(x, 120, lane, 130, ["RoPE layer", "rotate q, k by", "their position", "then L2-norm q, k",
-                                f"attend within the", f"chunk of {c['attn_chunk']} positions"],
+                                "attend within the", f"chunk of {c['attn_chunk']} positions"],
             fill="#e3ecf5", stroke=ROPE, size=12)
     svg.box(x + lane + 12, 120, lane, 130, ["NoPE layer", "no rotation,", "no q/k norm;", "q temperature",
                                             "attend over the", "whole causal context"],
