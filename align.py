@@ -347,13 +347,35 @@ def right_pad(sequences):
     return tokens, targets
 
 
+def batches_by_length(lengths, batch_size, n_batches, generator):
+    """Rows for n_batches batches, with little padding: n_batches * batch_size rows drawn at random (as one
+    batch of that size would be), sorted by the length of their sequence, cut into batches of neighbours, and
+    shuffled. A batch is as long as its longest row: a random batch of 32 Shapes World conversations (67 tokens
+    on average, 28 to 112) is 1.4 times as long as its mean row, so 29 % of phase 3's compute was padding.
+    Two uses (config's group_by_length):
+      n_batches = grad_accum_steps   phase 3: two micro-batches of 16 make one step on exactly the rows of one
+                                     random batch of 32, with that batch's gradient (pretrain.loss_shares),
+                                     in two pieces of similar length; a step takes 18 % less time.
+      n_batches > grad_accum_steps   phase 2: 16 batches of 32 at a time, so successive steps see rows of
+                                     similar length; 14 % less time, but which rows share a step changes.
+                                     Phase 3 learned worse that way (93.8 % of answers against 97.0 %);
+                                     phase 2 did not. LLaVA batches by length too (group_by_modality_length).
+    """
+    rows = torch.randint(len(lengths), (n_batches * batch_size,), generator=generator).tolist()
+    rows.sort(key=lambda row: lengths[row])
+    batches = [rows[start:start + batch_size] for start in range(0, len(rows), batch_size)]
+    return [batches[i] for i in torch.randperm(n_batches, generator=generator).tolist()]
+
+
 class CaptionBatches:
     """Random batches of image + text sequences with the images' features (cached) or pixels (computed each
     step). `examples(split, vlm, tokenizer, config)` gives each split's (CaptionSet, sequences): captions in
-    phase 2 (caption_examples), conversations in phase 3 (instruct.conversation_examples)."""
+    phase 2 (caption_examples), conversations in phase 3 (instruct.conversation_examples). Training batches
+    come in groups of config["group_by_length"], batched by length (batches_by_length)."""
 
     def __init__(self, vlm, tokenizer, config, device, rank=0, examples=caption_examples):
         self.device, self.batch_size, self.eval_iters = device, config["batch_size"], config["eval_iters"]
+        self.groups, self.queue = config["group_by_length"], []  # the queue: rows of the group's batches to come
         self.transform = image_transform(config)
         self.sets, self.features, self.sequences = {}, {}, {}
         for split in ("train", "val"):  # a Hub dataset is downloaded once per machine, then read by the others
@@ -388,18 +410,28 @@ class CaptionBatches:
         return batch
 
     def next(self, split="train"):
-        rows = torch.randint(len(self.sets[split].pairs), (self.batch_size,), generator=self.generator)
-        return self.batch(split, rows.tolist())
+        if split != "train":
+            raise ValueError("CaptionBatches.next draws training batches; eval_batches gives the held-out ones")
+        if not self.queue:
+            lengths = [len(tokens) for tokens, _ in self.sequences["train"]]
+            self.queue = batches_by_length(lengths, self.batch_size, self.groups, self.generator)
+        return self.batch("train", self.queue.pop())
 
     def eval_batches(self):
         n = min(len(self.sets["val"].pairs), self.eval_iters * self.batch_size)
         return [self.batch("val", list(range(s, min(s + self.batch_size, n)))) for s in range(0, n, self.batch_size)]
 
+    @staticmethod
+    def loss_counts(batch):
+        """The targets a batch's loss is the mean over, for pretrain.loss_shares."""
+        return (batch["targets"] != -100).sum().item()
+
     def state_dict(self):
-        return {"generator": self.generator.get_state()}
+        return {"generator": self.generator.get_state(), "queue": [list(rows) for rows in self.queue]}
 
     def load_state_dict(self, state):
         self.generator.set_state(state["generator"])
+        self.queue = [list(rows) for rows in state.get("queue", [])]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -74,6 +74,8 @@ CONFIG = dict(
     caption_prompt="\ncaption:",  # text between the image and its caption; Shapes World's own cue to restate
     max_caption_tokens=64,      # longer captions are cut
     cache_features=True,        # encode each image once with the frozen encoder and reuse the features
+    group_by_length=1,          # draw the rows of this many micro-batches at once and batch them by length, so that
+                                # little of a batch is padding (align.batches_by_length); 1 = each drawn on its own
     train_images=12_000,        # Shapes World scenes for caption training
     eval_images=200,            # held-out scenes whose generated captions are scored at each eval
     epochs=0,                   # if > 0, max_iters = epochs over the training captions
@@ -124,11 +126,13 @@ PRESETS = {
         batch_size=7, max_iters=20_000, lr=3e-4, min_lr=3e-5, warmup_iters=1000, eval_interval=1000,
         eval_iters=50, log_interval=100, dtype="auto",
         align=dict(vision_model="vit_b_16", vision_weights="IMAGENET1K_V1", image_size=224, pixel_shuffle=1,
-                   caption_prompt="", projector_hidden=3072, caption_source="hf", batch_size=48, lr=2e-4,
-                   min_lr=2e-5, epochs=3, warmup_iters=200, eval_interval=2000, eval_iters=50, log_interval=100),
+                   caption_prompt="", projector_hidden=3072, caption_source="hf", batch_size=48, group_by_length=1,
+                   lr=2e-4, min_lr=2e-5, epochs=3, warmup_iters=200, eval_interval=2000, eval_iters=50,
+                   log_interval=100),
         instruct=dict(instruct_source="data/llava/llava_instruct_150k.json", image_folder="data/coco/train2017",
-                      batch_size=16, lr=2e-5, min_lr=2e-6, projector_lr_scale=10.0, epochs=1, warmup_iters=200,
-                      eval_interval=2000, eval_iters=50, log_interval=100),
+                      batch_size=16, grad_accum_steps=1, group_by_length=1, lr=2e-5, min_lr=2e-6,
+                      projector_lr_scale=10.0, epochs=1, warmup_iters=200, eval_interval=2000, eval_iters=50,
+                      log_interval=100),
         # DPO's own recipe (Rafailov et al. 2023, appendix B): beta 0.1, 64 pairs a step, lr 1e-6 reached after
         # 150 warm-up steps; Zephyr (Tunstall et al. 2023) used 5e-7. One epoch of RLAIF-V's 78,975 pairs.
         dpo=dict(pref_source="hf", batch_size=8, grad_accum_steps=8, lr=1e-6, min_lr=1e-7, warmup_iters=150,
@@ -143,7 +147,7 @@ READS = {
     "pretrain": ("model", "data", "loop"),
     "prepare": ("data", "vocab_size", "seed"),
     "align": ("loop", "align"),
-    "instruct": ("loop", "cache_features", "train_images", "eval_images", "instruct"),
+    "instruct": ("loop", "cache_features", "group_by_length", "train_images", "eval_images", "instruct"),
     "dpo": ("loop", "eval_images", "projector_lr_scale", "dpo"),
     "sample": ("sampling", "device", "seed", "out_root"),
     "caption": ("image", "sampling", "device", "out_root"),
@@ -159,9 +163,11 @@ POSITIONAL = {"caption": ("image",), "export": ("ckpt", "out_dir"), "shapes_worl
 # Each phase's own defaults, applied over CONFIG and under the presets.
 PHASE_DEFAULTS = {
     "align": dict(lr=3e-3, min_lr=3e-4, batch_size=32, max_iters=2400, warmup_iters=30, eval_interval=600,
-                  log_interval=100, eval_iters=10),
-    "instruct": dict(lr=1e-3, min_lr=1e-4, batch_size=32, max_iters=1600, warmup_iters=30, eval_interval=400,
-                     log_interval=100, eval_iters=10, eval_images=100, projector_lr_scale=4.0),
+                  log_interval=100, eval_iters=10, group_by_length=16),
+    # A step of 32 conversations, run as two micro-batches of 16 of similar length (group_by_length).
+    "instruct": dict(lr=1e-3, min_lr=1e-4, batch_size=16, grad_accum_steps=2, group_by_length=2, max_iters=1600,
+                     warmup_iters=30, eval_interval=400, log_interval=100, eval_iters=20, eval_images=100,
+                     projector_lr_scale=4.0),
     "dpo": dict(lr=5e-5, min_lr=5e-6, batch_size=32, max_iters=200, warmup_iters=20, eval_interval=100,
                 log_interval=20, eval_iters=20),
     "export": dict(out_dir="out/hf"),
@@ -207,7 +213,7 @@ def _parse_value(key, text, default):
 
 POSITIVE = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "moe_hidden", "n_experts", "top_k",
             "moe_every", "nope_every", "context", "batch_size", "grad_accum_steps", "eval_interval", "eval_iters",
-            "log_interval", "pixel_shuffle", "image_size")
+            "log_interval", "pixel_shuffle", "image_size", "group_by_length")
 
 
 def check(config):

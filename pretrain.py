@@ -893,10 +893,11 @@ def train(config, model, batches, evaluate_extra=None, lr_scale=None, checkpoint
         lr = lr_at(step, config)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
+        # --- data: the step's micro-batches, and the share of the step's loss that each one carries ---
+        micro_batches = [batches.next("train") for _ in range(accum)]
+        shares = loss_shares(batches, micro_batches, world)
         losses, aux_losses = [], []  # each micro-batch's, for the log
-        for micro_step in range(accum):
-            # --- data ---
-            batch = batches.next("train")
+        for micro_step, (batch, share) in enumerate(zip(micro_batches, shares)):
             processed += batch["tokens"].numel() if "tokens" in batch else len(next(iter(batch.values())))
             # DDP all-reduces gradients on every backward; skip it on all but the last micro-step.
             sync = model.no_sync() if world > 1 and micro_step < accum - 1 else contextlib.nullcontext()
@@ -905,17 +906,13 @@ def train(config, model, batches, evaluate_extra=None, lr_scale=None, checkpoint
                 with autocast:
                     _, loss, aux_loss = model(**batch)
                     total = loss if aux_loss is None else loss + config["aux_loss_coef"] * aux_loss
-                    # loss is this micro-batch's mean over its own counted targets (those not -100), so the
-                    # step's gradient is the mean of the micro-batch means: the mean over all targets when
-                    # every micro-batch counts as many (text windows), not quite when they differ (captions
-                    # and chats of different lengths), where a target of a short micro-batch weighs more.
-                    total = total / accum
+                    total = total * share
                 # --- backward: gradients add up over the micro-steps ---
                 scaler.scale(total).backward()
-            losses.append(loss.detach())
+            losses.append(loss.detach() * share)
             if aux_loss is not None:
                 aux_losses.append(aux_loss.detach())
-        loss_value = mean_over_ranks(losses, world)  # the step's training loss: its micro-batches' mean
+        loss_value = mean_over_ranks([sum(losses)], world)  # the step's training loss, over every rank
         if not math.isfinite(loss_value):
             raise TrainingError(f"loss is {loss_value} at step {step}; stopped, and the last good checkpoint "
                                 f"({ckpt_path}) is kept. Try a lower --lr or --dtype=float32.")
@@ -1018,6 +1015,23 @@ def evaluate_and_save(training, step, best_val):
             config=config, step=step, best_val_loss=best_val, val_loss=val_loss, rng=torch.get_rng_state(),
             scaler=training.scaler.state_dict(), batches=data_states, **(training.checkpoint_extra or {})))
     return best_val
+
+
+def loss_shares(batches, micro_batches, world):
+    """The weight of each micro-batch's loss in the step's. A loss is the mean over its micro-batch's counted
+    items (the targets that are not -100, or DPO's pairs), and DDP averages the ranks' gradients. Text windows
+    all count as many targets, so each micro-batch weighs 1 / grad_accum_steps. Captions and conversations do
+    not: there each micro-batch weighs its share of the step's counted targets, over every rank, so that the
+    step's loss is the mean over all of them, as one big batch's would be (a micro-batch mean would give a
+    target of a short micro-batch more weight). batches.loss_counts(micro_batch), where defined, counts."""
+    count = getattr(batches, "loss_counts", None)
+    if count is None:
+        return [1 / len(micro_batches)] * len(micro_batches)
+    counts = torch.tensor([float(count(batch)) for batch in micro_batches])
+    total = counts.sum().to(micro_batches[0]["tokens"].device)
+    if world > 1:
+        torch.distributed.all_reduce(total)
+    return (counts * world / total.cpu()).tolist()
 
 
 def mean_over_ranks(losses, world):

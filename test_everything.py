@@ -3,6 +3,7 @@
 Every test compares behaviour with an independent reference (a brute-force version, a second code path, an
 invariant), on tiny configs, so the whole file runs in a few minutes on 2 CPU cores.
 """
+import copy
 import json
 import math
 import os
@@ -527,9 +528,18 @@ def assert_every_parameter_has_a_gradient(grads, model):
 
 
 def train_once(out_dir, batches, model=None, **overrides):
+    """A fresh tiny model after pretrain.train on a list of batches (served by FixedBatches) or a batches object."""
     model = model or tiny_model()
-    pretrain.train(loop_config(out_dir, **overrides), model, FixedBatches(batches))
+    pretrain.train(loop_config(out_dir, **overrides), model, batches if hasattr(batches, "next") else FixedBatches(batches))
     return model
+
+
+def uneven_halves():
+    """The two halves of random_batch(4, 4): the first counts 32 targets, the second only 4."""
+    long, short = split_batch(random_batch(4, 4), 2)
+    short = dict(short, targets=short["targets"].clone())
+    short["targets"][:, 2:] = -100                              # 2 counted targets per row, 4 in all
+    return long, short
 
 
 def test_grad_accumulation_matches_one_big_batch(tmp_path):
@@ -544,26 +554,41 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
         torch.testing.assert_close(small[name], grad, atol=1e-7, rtol=1e-4, msg=name)
 
 
-def test_grad_accumulation_is_the_mean_of_the_micro_batch_means(tmp_path):
-    """Micro-batches that count different numbers of targets (captions and chats of different lengths): the
-    step's gradient is the mean of each micro-batch's mean loss, as the loop says, which weighs a target of
-    the short micro-batch (4 targets) 8 times as much as one of the long one (32). Second path: autograd on
-    (loss_a + loss_b) / 2 from a fresh copy of the model."""
+class CountingBatches(FixedBatches):
+    """FixedBatches whose loss is the mean over counted targets, as CaptionBatches say (loss_counts)."""
+    loss_counts = staticmethod(align.CaptionBatches.loss_counts)
+
+
+def test_grad_accumulation_over_micro_batches_of_different_lengths_is_the_mean_over_all_targets(tmp_path):
+    """Micro-batches that count different numbers of targets (captions and chats of different lengths, 32 and
+    4 here): with batches that count their targets (CaptionBatches.loss_counts) the step's gradient and its
+    logged loss are those of the mean over all 36 targets, one big batch's; second path: autograd on the
+    concatenated batch from a fresh copy of the model. Batches that do not count (text windows, all equally
+    long) get the mean of the micro-batch means, which here differs: a target of the short micro-batch would
+    weigh 8 times as much as one of the long one."""
     batch = random_batch(4, 4)
-    long, short = split_batch(batch, 2)
-    short = dict(short, targets=short["targets"].clone())
-    short["targets"][:, 2:] = -100                              # 2 counted targets per row, 4 in all
-    got = gradients_at_step(lambda: train_once(tmp_path, [long, short], grad_accum_steps=2, batch_size=2))
+    long, short = uneven_halves()
     model = tiny_model().train()
-    mean_of_means = (model(**long)[1] + model(**short)[1]) / 2
-    expected = dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(mean_of_means,
-                                                                                       list(model.parameters()))))
-    assert_every_parameter_has_a_gradient(got, model)
-    for name, grad in expected.items():
-        torch.testing.assert_close(got[name], grad, atol=1e-7, rtol=1e-4, msg=name)
+    names, params = [n for n, _ in model.named_parameters()], list(model.parameters())
     both = dict(tokens=batch["tokens"], targets=torch.cat([long["targets"], short["targets"]]))
-    per_target = torch.autograd.grad(model(**both)[1], model.lm_head.weight)[0]  # the mean over all 36 targets
-    assert (per_target - expected["lm_head.weight"]).norm() > 0.1 * per_target.norm()  # the two differ here
+    big_loss = model(**both)[1]                                 # the mean over all 36 targets
+    per_target = dict(zip(names, torch.autograd.grad(big_loss, params)))
+    mean_of_means = dict(zip(names, torch.autograd.grad((model(**long)[1] + model(**short)[1]) / 2, params)))
+    assert (per_target["lm_head.weight"] - mean_of_means["lm_head.weight"]).norm() > 0.1 * per_target["lm_head.weight"].norm()
+    logged = {}
+
+    def run(batches, name):
+        model = tiny_model()
+        logged[name] = pretrain.train(loop_config(tmp_path / name, grad_accum_steps=2, batch_size=2), model,
+                                      batches)[0][1]
+        return model
+    counted = gradients_at_step(lambda: run(CountingBatches([long, short]), "counted"))
+    plain = gradients_at_step(lambda: run(FixedBatches([long, short]), "plain"))
+    assert_every_parameter_has_a_gradient(counted, model)
+    for name in names:
+        torch.testing.assert_close(counted[name], per_target[name], atol=1e-7, rtol=1e-4, msg=name)
+        torch.testing.assert_close(plain[name], mean_of_means[name], atol=1e-7, rtol=1e-4, msg=name)
+    assert logged["counted"] == pytest.approx(big_loss.item(), rel=1e-6)
 
 
 def assert_gradients_close(got, reference, tolerance):
@@ -629,6 +654,12 @@ def _ddp_worker(rank, tmp, port):
     grads = gradients_at_step(lambda: train_once(tmp, [halves[rank]]))
     if rank == 0:
         torch.save(grads, os.path.join(tmp, "ddp_grads.pt"))
+    # Ranks whose batches count different numbers of targets (32 and 4): the step is the mean over all of
+    # them (loss_shares sums the counts over the ranks), one big batch's.
+    counted = CountingBatches([uneven_halves()[rank]])
+    grads = gradients_at_step(lambda: train_once(os.path.join(tmp, "counted"), counted))
+    if rank == 0:
+        torch.save(grads, os.path.join(tmp, "ddp_counted_grads.pt"))
     # Resume for one more step: each rank must continue from its own data position (1 for rank 0; rank 1
     # starts at 10, so the ranks' states differ), not from rank 0's.
     batches = FixedBatches([halves[rank]])
@@ -678,6 +709,12 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     ddp = torch.load(tmp_path / "ddp_grads.pt", weights_only=True)
     assert_every_parameter_has_a_gradient(single, tiny_model())
     assert set(ddp) == set(single)
+    for name, grad in single.items():
+        torch.testing.assert_close(ddp[name], grad, atol=1e-7, rtol=1e-4, msg=name)
+    long, short = uneven_halves()
+    both = dict(tokens=torch.cat([long["tokens"], short["tokens"]]), targets=torch.cat([long["targets"], short["targets"]]))
+    single = gradients_at_step(lambda: train_once(tmp_path / "single_counted", [both]))
+    ddp = torch.load(tmp_path / "ddp_counted_grads.pt", weights_only=True)
     for name, grad in single.items():
         torch.testing.assert_close(ddp[name], grad, atol=1e-7, rtol=1e-4, msg=name)
     positions = [torch.load(tmp_path / f"position{rank}.pt") for rank in (0, 1)]
@@ -1086,6 +1123,34 @@ def test_frozen_parts_get_no_gradient_and_no_optimizer_state(tmp_path):
         assert (vlm.get_parameter(name).grad is None) if name in dict(vlm.named_parameters()) else True
     state = torch.load(tmp_path / "ckpt.pt", weights_only=True)["optimizer"]["state"]
     assert len(state) == len(list(vlm.projector.parameters()))
+
+
+def test_batches_by_length_are_the_same_random_draw_cut_into_neighbours_and_resume_exactly(tmp_path):
+    """batches_by_length draws the rows one random batch at a time would (the same generator calls give the
+    same multiset), and cuts them so that every batch holds neighbours in length: sorted by their shortest
+    row, no batch's longest row is longer than the next batch's shortest. A CaptionBatches saved between two
+    batches of a group and loaded into a fresh one gives the same batches after as the one that went on."""
+    lengths = [random.Random(i).randint(5, 90) for i in range(300)]
+    rows = align.batches_by_length(lengths, 8, 6, torch.Generator().manual_seed(3))
+    assert [len(batch) for batch in rows] == [8] * 6
+    drawn = torch.randint(300, (48,), generator=torch.Generator().manual_seed(3)).tolist()
+    assert sorted(row for batch in rows for row in batch) == sorted(drawn)
+    spans = sorted((min(lengths[r] for r in batch), max(lengths[r] for r in batch)) for batch in rows)
+    assert all(spans[i][1] <= spans[i + 1][0] for i in range(5))
+    padded = lambda batches: sum(len(b) * max(lengths[r] for r in b) for b in batches)
+    assert padded(rows) < padded([drawn[i:i + 8] for i in range(0, 48, 8)])
+
+    vlm = tiny_vlm()
+    vlm.llm = tiny_model(vocab_size=264, context=64)
+    config = caption_config(tmp_path, group_by_length=4)
+    batches = align.CaptionBatches(vlm, tokenizer_for_tests(), config, torch.device("cpu"))
+    batches.next("train"), batches.next("train")
+    state = copy.deepcopy(batches.state_dict())
+    later = [batches.next("train") for _ in range(5)]  # the rest of the first group and into the second
+    again = align.CaptionBatches(vlm, tokenizer_for_tests(), config, torch.device("cpu"))
+    again.load_state_dict(state)
+    for a, b in zip(later, [again.next("train") for _ in range(5)]):
+        assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["features"], b["features"])
 
 
 def test_cached_features_are_the_features_computed_on_the_fly_and_padding_is_masked(tmp_path):
