@@ -14,6 +14,7 @@ It prints one line naming the machine and one markdown table, row by row, ready 
   3. generation with the KV cache against re-running the whole sequence for every new token, for text and
      for captions after 196 image tokens, one image at a time and 16 at once;
   4. a phase-2 training step on cached encoder features against running the frozen encoder every step;
+     a phase-3 step of 32 random conversations as one padded batch against the same rows batched by length;
   5. on CUDA only: the seed model's training tokens/s, MFU and peak memory with bf16 autocast and torch.compile.
 
 A shared machine is noisy: another process can slow us down several times over for a while. So each
@@ -31,10 +32,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from align import VLM, build_vision_transformer, caption_images, caption_sequence
+from align import VLM, batches_by_length, build_vision_transformer, caption_images, caption_sequence, right_pad
 from config import ConfigError, get_config, run
-from data.prepare_text import BOS_ID, IMAGE_ID
+from data.prepare_text import BOS_ID, IMAGE_ID, train_tokenizer
 from export_hf import hf_config, hf_state_dict
+from instruct import render_conversation, shapes_conversations
 from pretrain import (FeedForward, MoE, Transformer, autocast_dtype, flops_per_token, generate, make_optimizer,
                       peak_flops, setup_device)
 
@@ -324,6 +326,48 @@ def phase2_row(config, device, repeats):
             f"{1000 * cached_s:.1f}", f"{1000 * uncached_s:.1f}", ratio_text(ratios, "× faster"), "—"]
 
 
+def phase3_row(config, device, repeats, steps=8):
+    """instruct.py's training step on Shapes World conversations (random weights): 32 random conversations as
+    one batch, padded to its longest, against the same 32 rows as the default runs them (group_by_length=2,
+    grad_accum_steps=2): two micro-batches of 16 of similar length, each weighted by its share of the targets
+    (pretrain.loss_shares). Token counts come from a BPE tokenizer trained on the conversations' own text."""
+    torch.manual_seed(0)
+    data = shapes_conversations("train", 2000, 0, config["image_size"])
+    tokenizer = train_tokenizer([f"{q} {a}" for _, turns in data.pairs for q, a in turns], config["vocab_size"])
+    vlm = VLM(Transformer(config), build_vision_transformer(config), config).to(device).train()
+    sequences = [render_conversation(turns, tokenizer, vlm.n_image_tokens, config["context"]) for _, turns in data.pairs]
+    lengths = [len(tokens) for tokens, _ in sequences]
+    generator = torch.Generator().manual_seed(0)
+    drawn = [batches_by_length(lengths, 16, 2, generator) for _ in range(steps)]  # each step: 2 x 16 rows
+    features = vlm.image_features(torch.randn(32, 3, config["image_size"], config["image_size"], device=device))
+
+    def batch(rows):
+        tokens, targets = right_pad([sequences[row] for row in rows])
+        return dict(tokens=tokens.to(device), targets=targets.to(device), features=features[:len(rows)])
+    whole = [batch(halves[0] + halves[1]) for halves in drawn]
+    pieces = [[batch(rows) for rows in halves] for halves in drawn]
+    one_optimizer, two_optimizer = make_optimizer(vlm, config, device), make_optimizer(vlm, config, device)
+
+    def one_batch():
+        for step in whole:
+            training_step(vlm, one_optimizer, our_loss(step, config))()
+
+    def by_length():
+        for step in pieces:
+            counts = [(micro["targets"] != -100).sum() for micro in step]
+            for micro, count in zip(step, counts):
+                (our_loss(micro, config)(vlm) * count / sum(counts)).backward()
+            torch.nn.utils.clip_grad_norm_(vlm.parameters(), 1.0)
+            two_optimizer.step()
+            two_optimizer.zero_grad(set_to_none=True)
+    length_s, whole_s, ratios = compare(by_length, one_batch, device, repeats)
+    padded = lambda batches: sum(b["tokens"].numel() for b in batches)
+    return ["phase-3 step time, by length (2 x 16) vs one random batch of 32 (ms)",
+            f"Shapes World conversations, {statistics.mean(lengths):.0f} tokens on average; tokens with padding "
+            f"{padded([p for step in pieces for p in step]) / padded(whole):.2f}× of one batch's",
+            f"{1000 * length_s / steps:.1f}", f"{1000 * whole_s / steps:.1f}", ratio_text(ratios, "× faster"), "—"]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 5. CUDA: the seed model's throughput, MFU and memory
 # ----------------------------------------------------------------------------------------------------------
@@ -429,6 +473,7 @@ def main(argv=None):
         generation_rows(config, device, repeats=5)
     if "phase2" in rows:
         print_row(phase2_row(align_config, device, repeats=9))
+        print_row(phase3_row(get_config("instruct", argv), device, repeats=5))
     if "cuda" in rows:
         cuda_rows(device, repeats=10, batch_sizes=CUDA_BATCH_SIZES, profile=profile)
     print(f"bench took {(time.perf_counter() - started) / 60:.1f} min", flush=True)

@@ -492,6 +492,9 @@ def main(argv=None):
               f"{config['beta']}; {config['max_iters']} steps of {config['batch_size']} pairs", flush=True)
         for split in ("train", "val"):
             print(f"{split} pairs: {len(batches.pairs[split]):,} ({describe_mix(batches.pairs[split])})", flush=True)
+        counted = sum(len(batch["features"]) for batch in batches.eval_batches())
+        if counted < len(batches.pairs["val"]):
+            print(f"pref acc and margin count the first {counted:,} val pairs (--eval_iters x --batch_size)", flush=True)
         if not config["resume"]:  # step 0, so that before and after are in one log
             amp_dtype = autocast_dtype(config, device)
             autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()

@@ -1035,8 +1035,8 @@ def loss_shares(batches, micro_batches, world):
 
 
 def mean_over_ranks(losses, world):
-    """The mean of a step's micro-batch losses over every rank, as a float. Every rank gets the same value,
-    so a NaN on one rank stops every rank."""
+    """The mean of the given losses (a rank's step loss, or several), averaged over every rank, as a float.
+    Every rank gets the same value, so a NaN on one rank stops every rank."""
     mean = torch.stack(losses).float().mean()
     if world > 1:
         torch.distributed.all_reduce(mean)
