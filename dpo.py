@@ -440,13 +440,18 @@ def hallucination(captions):
 
 @torch.no_grad()
 def evaluate_dpo(dpo, batches, tokenizer, answers=None, captions=None):
-    """pref acc (the share of held-out pairs whose reward margin is > 0) and margin (their mean); with Shapes
-    World, also answer accuracy on phase 3's held-out questions, and the scores and hallucination rate of
+    """pref acc (the share of held-out pairs whose reward margin is > 0) and margin (their mean), and pref acc
+    on the pairs against the model's own mistakes and on the made-up ones apart; with Shapes World, also answer accuracy on phase 3's held-out questions, and the scores and hallucination rate of
     greedy captions of phase 2's held-out scenes, asked for in a turn (CAPTION_REQUEST) as in the pairs."""
     was_training = dpo.training
     dpo.eval()
     margins = torch.cat([dpo(**batch)[0].float() for batch in batches.eval_batches()])
     metrics = {"pref acc": (margins > 0).float().mean().item(), "margin": margins.mean().item()}
+    # Split by where the rejected response came from: the model's own mistakes are the hard pairs.
+    own = torch.tensor([pair.origin.startswith("own") for pair in batches.pairs["val"][:len(margins)]])
+    if 0 < own.sum() < len(own):
+        metrics["pref acc own"] = (margins[own] > 0).float().mean().item()
+        metrics["pref acc made-up"] = (margins[~own] > 0).float().mean().item()
     if answers is not None:
         metrics.update(answer_accuracy(dpo.policy, answers, tokenizer))
         before, after = question_prefix(tokenizer, CAPTION_REQUEST)
