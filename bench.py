@@ -32,13 +32,14 @@ import time
 import torch
 import torch.nn.functional as F
 
-from align import VLM, batches_by_length, build_vision_transformer, caption_images, caption_sequence, right_pad
+from align import (VLM, CaptionBatches, batches_by_length, build_vision_transformer, caption_images, caption_sequence,
+                   right_pad)
 from config import ConfigError, get_config, run
 from data.prepare_text import BOS_ID, IMAGE_ID, train_tokenizer
 from export_hf import hf_config, hf_state_dict
 from instruct import render_conversation, shapes_conversations
-from pretrain import (FeedForward, MoE, Transformer, autocast_dtype, flops_per_token, generate, make_optimizer,
-                      peak_flops, setup_device)
+from pretrain import (FeedForward, MoE, Transformer, autocast_dtype, flops_per_token, generate, loss_shares,
+                      make_optimizer, peak_flops, setup_device)
 
 # A model between the Shapes World default (dim 128, 4 layers) and the seed (dim 768, 12 layers): big enough
 # that matrix multiplies, not Python overhead, dominate a CPU step, small enough to time in seconds.
@@ -354,9 +355,8 @@ def phase3_row(config, device, repeats, steps=8):
 
     def by_length():
         for step in pieces:
-            counts = [(micro["targets"] != -100).sum() for micro in step]
-            for micro, count in zip(step, counts):
-                (our_loss(micro, config)(vlm) * count / sum(counts)).backward()
+            for micro, share in zip(step, loss_shares(CaptionBatches, step, world=1)):
+                (our_loss(micro, config)(vlm) * share).backward()
             torch.nn.utils.clip_grad_norm_(vlm.parameters(), 1.0)
             two_optimizer.step()
             two_optimizer.zero_grad(set_to_none=True)

@@ -441,8 +441,9 @@ def hallucination(captions):
 @torch.no_grad()
 def evaluate_dpo(dpo, batches, tokenizer, answers=None, captions=None):
     """pref acc (the share of held-out pairs whose reward margin is > 0) and margin (their mean), and pref acc
-    on the pairs against the model's own mistakes and on the made-up ones apart; with Shapes World, also answer accuracy on phase 3's held-out questions, and the scores and hallucination rate of
-    greedy captions of phase 2's held-out scenes, asked for in a turn (CAPTION_REQUEST) as in the pairs."""
+    on the pairs against the model's own mistakes and on the made-up ones apart; with Shapes World, also
+    answer accuracy on phase 3's held-out questions, and the scores and hallucination rate of greedy captions
+    of phase 2's held-out scenes, asked for in a turn (CAPTION_REQUEST) as in the pairs."""
     was_training = dpo.training
     dpo.eval()
     margins = torch.cat([dpo(**batch)[0].float() for batch in batches.eval_batches()])
