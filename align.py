@@ -382,6 +382,7 @@ class CaptionBatches:
             self.sets[split], self.sequences[split] = once_per_node(lambda: examples(split, vlm, tokenizer, config))
             if config["cache_features"]:
                 self.features[split] = self.cached_features(vlm, self.sets[split], split, config, device)
+        self.lengths = [len(tokens) for tokens, _ in self.sequences["train"]]  # what batches_by_length sorts by
         self.generator = torch.Generator().manual_seed(config["seed"] + rank)
 
     def cached_features(self, vlm, data, split, config, device):
@@ -413,8 +414,7 @@ class CaptionBatches:
         if split != "train":
             raise ValueError("CaptionBatches.next draws training batches; eval_batches gives the held-out ones")
         if not self.queue:
-            lengths = [len(tokens) for tokens, _ in self.sequences["train"]]
-            self.queue = batches_by_length(lengths, self.batch_size, self.groups, self.generator)
+            self.queue = batches_by_length(self.lengths, self.batch_size, self.groups, self.generator)
         return self.batch("train", self.queue.pop())
 
     def eval_batches(self):
@@ -423,8 +423,8 @@ class CaptionBatches:
 
     @staticmethod
     def loss_counts(batch):
-        """The targets a batch's loss is the mean over, for pretrain.loss_shares."""
-        return (batch["targets"] != -100).sum().item()
+        """How many targets a batch's loss is the mean over (a tensor on its device), for pretrain.loss_shares."""
+        return (batch["targets"] != -100).sum()
 
     def state_dict(self):
         return {"generator": self.generator.get_state(), "queue": [list(rows) for rows in self.queue]}

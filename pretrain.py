@@ -1023,15 +1023,16 @@ def loss_shares(batches, micro_batches, world):
     all count as many targets, so each micro-batch weighs 1 / grad_accum_steps. Captions and conversations do
     not: there each micro-batch weighs its share of the step's counted targets, over every rank, so that the
     step's loss is the mean over all of them, as one big batch's would be (a micro-batch mean would give a
-    target of a short micro-batch more weight). batches.loss_counts(micro_batch), where defined, counts."""
+    target of a short micro-batch more weight). batches.loss_counts(micro_batch), where defined, counts; the
+    shares stay on the device as tensors, so that no step waits for the GPU to report a count."""
     count = getattr(batches, "loss_counts", None)
     if count is None:
         return [1 / len(micro_batches)] * len(micro_batches)
-    counts = torch.tensor([float(count(batch)) for batch in micro_batches])
-    total = counts.sum().to(micro_batches[0]["tokens"].device)
+    counts = torch.stack([count(batch) for batch in micro_batches]).float()
+    total = counts.sum()
     if world > 1:
         torch.distributed.all_reduce(total)
-    return (counts * world / total.cpu()).tolist()
+    return list(counts * world / total)
 
 
 def mean_over_ranks(losses, world):
