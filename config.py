@@ -93,6 +93,8 @@ CONFIG = dict(
     nll_coef=1.0,               # weight of the chosen responses' language-model loss added to DPO's: it keeps their
                                 # probability from falling with the rejected ones' (Iterative RPO, Pang et al. 2024: 1;
                                 # Llama 3: 0.2)
+    dpop_lambda=50.0,           # DPO-Positive (DPOP, Pal et al. 2024): penalise a chosen response whose log-prob falls
+                                # below the reference's, inside DPO's sigmoid; 0 = plain DPO (docs/research.md: Phase 4)
     pref_source="shapes",       # "shapes" (pairs made from Shapes World), "hf" (pref_dataset), or local .parquet
                                 # files (paths or glob patterns, comma-separated)
     pref_dataset="HuggingFaceH4/rlaif-v_formatted",  # the Hub dataset read when pref_source="hf"
@@ -136,7 +138,7 @@ PRESETS = {
         # DPO's own recipe (Rafailov et al. 2023, appendix B): beta 0.1, 64 pairs a step, lr 1e-6 reached after
         # 150 warm-up steps; Zephyr (Tunstall et al. 2023) used 5e-7. One epoch of RLAIF-V's 78,975 pairs.
         dpo=dict(pref_source="hf", batch_size=8, grad_accum_steps=8, lr=1e-6, min_lr=1e-7, warmup_iters=150,
-                 epochs=1, beta=0.1, eval_interval=200, eval_iters=50, log_interval=20),
+                 epochs=1, beta=0.1, dpop_lambda=0.0, eval_interval=200, eval_iters=50, log_interval=20),
     ),
 }
 
@@ -169,7 +171,7 @@ PHASE_DEFAULTS = {
                      warmup_iters=30, eval_interval=400, log_interval=100, eval_iters=20, eval_images=100,
                      projector_lr_scale=4.0),
     # eval_iters x batch_size = 1,280 held-out pairs at most: every one of Shapes World's (about 1,000).
-    "dpo": dict(lr=5e-5, min_lr=5e-6, batch_size=32, max_iters=200, warmup_iters=20, eval_interval=100,
+    "dpo": dict(lr=5e-5, min_lr=5e-6, batch_size=32, max_iters=300, warmup_iters=20, eval_interval=150,
                 log_interval=20, eval_iters=40),
     "export": dict(out_dir="out/hf"),
     "shapes_world": dict(out_dir="out/shapes_samples"),

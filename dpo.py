@@ -58,10 +58,17 @@ def sequence_logprobs(logits, targets):
     return token_logprobs.view(targets.shape).sum(-1)
 
 
-def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta):
-    """(mean DPO loss, reward margin of each pair) from the four (B,) summed log-probs."""
+def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta, dpop_lambda=0.0):
+    """(mean loss, reward margin of each pair) from the four (B,) summed log-probs.
+
+    With dpop_lambda > 0 the loss is DPO-Positive's (DPOP, Pal et al. 2024): inside the sigmoid the margin loses
+    beta * dpop_lambda * max(0, log ref(y_w) - log pi(y_w)), a penalty only where the chosen response has become
+    *less* likely than under the reference. Plain DPO can raise the margin by lowering both responses, the
+    chosen one less; when they differ in one word ("bottom left" against "bottom right") it does, and the
+    probability they lose goes to words neither of them had. The margin returned (pref acc, margin) is DPO's."""
     margins = beta * ((policy_chosen - reference_chosen) - (policy_rejected - reference_rejected))
-    return -F.logsigmoid(margins).mean(), margins
+    fallen = F.relu(reference_chosen - policy_chosen)  # how far log pi(y_w) fell below log ref(y_w); 0 if it rose
+    return -F.logsigmoid(margins - beta * dpop_lambda * fallen).mean(), margins
 
 
 class DPO(nn.Module):
@@ -79,9 +86,9 @@ class DPO(nn.Module):
     what the policy's training holds.
     """
 
-    def __init__(self, policy, beta, nll_coef=0.0):
+    def __init__(self, policy, beta, nll_coef=0.0, dpop_lambda=0.0):
         super().__init__()
-        self.policy, self.beta, self.nll_coef = policy, beta, nll_coef
+        self.policy, self.beta, self.nll_coef, self.dpop_lambda = policy, beta, nll_coef, dpop_lambda
         # The reference: a frozen copy of the policy as it starts. Deliberately not a registered submodule: the
         # optimizer, DDP, .train(), the experts' usage statistics and the checkpoint see the policy alone (the
         # reference needs no saving: it is --instruct_ckpt).
@@ -99,7 +106,7 @@ class DPO(nn.Module):
             reference_logits = self.reference(tokens, features=features)[0]
         policy = sequence_logprobs(logits, targets).chunk(2)           # (chosen (B,), rejected (B,))
         reference = sequence_logprobs(reference_logits, targets).chunk(2)
-        loss, margins = dpo_loss(*policy, *reference, self.beta)
+        loss, margins = dpo_loss(*policy, *reference, self.beta, self.dpop_lambda)
         if self.nll_coef:  # plus the chosen responses' own language-model loss (see --nll_coef)
             B = len(margins)
             loss = loss + self.nll_coef * F.cross_entropy(logits[:B].flatten(0, 1).float(), targets[:B].flatten(),
@@ -482,7 +489,7 @@ def main(argv=None):
     policy, tokenizer, instruct_state = vlm_from_checkpoint(config["instruct_ckpt"], "python instruct.py", device)
     for key in ("vision_model", "vision_layer", "image_size", "pixel_shuffle", "projector_hidden"):
         config[key] = instruct_state["config"][key]  # the architecture is the phase-3 checkpoint's
-    dpo = DPO(policy, config["beta"], config["nll_coef"])
+    dpo = DPO(policy, config["beta"], config["nll_coef"], config["dpop_lambda"])
     policy.llm.requires_grad_(True)  # the projector and the LLM train; the encoder stays frozen
     policy.projector.requires_grad_(True)
     data = preference_data(dpo.reference, tokenizer, config, device, rank)  # sampled from the phase-3 model
@@ -494,7 +501,8 @@ def main(argv=None):
     evaluate_extra = lambda model: evaluate_dpo(model, batches, tokenizer, answers, captions)
     if rank == 0:
         trainable = sum(p.numel() for p in dpo.parameters() if p.requires_grad)
-        print(f"VLM: {trainable:,} trainable parameters (LLM + projector) and a frozen reference; beta "
+        loss = f"DPO-Positive (lambda {config['dpop_lambda']:g})" if config["dpop_lambda"] else "DPO"
+        print(f"VLM: {trainable:,} trainable parameters (LLM + projector) and a frozen reference; {loss}, beta "
               f"{config['beta']}; {config['max_iters']} steps of {config['batch_size']} pairs", flush=True)
         for split in ("train", "val"):
             print(f"{split} pairs: {len(batches.pairs[split]):,} ({describe_mix(batches.pairs[split])})", flush=True)

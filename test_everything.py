@@ -1817,13 +1817,13 @@ def test_loss_plot_reads_the_runs_printed_lines(tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def tiny_dpo(seed=0, same=False, nll_coef=0.0):
+def tiny_dpo(seed=0, same=False, nll_coef=0.0, dpop_lambda=0.0):
     """A DPO of a tiny VLM (vocabulary of tokenizer_for_tests) and a reference: the same weights (same=True), or
     the policy's with every LLM and projector weight nudged, so that reference and policy disagree."""
     policy = tiny_vlm(seed)
     policy.llm = tiny_model(seed, vocab_size=264, context=64)
     policy.llm.requires_grad_(True)
-    model = dpo.DPO(policy, beta=0.3, nll_coef=nll_coef)
+    model = dpo.DPO(policy, beta=0.3, nll_coef=nll_coef, dpop_lambda=dpop_lambda)
     if not same:
         with torch.no_grad():
             for name, param in model.reference.named_parameters():
@@ -1856,16 +1856,19 @@ def hand_logprob(logits_row, targets_row):
     return total
 
 
-def test_dpo_loss_and_margins_match_a_brute_force_from_logits():
+@pytest.mark.parametrize("dpop_lambda", [0.0, 2.0])
+def test_dpo_loss_and_margins_match_a_brute_force_from_logits(dpop_lambda):
     """Each pair scored alone, row by row, its log-probs summed by hand: the batched forward (chosen and
     rejected rows stacked, features shared, both models) gives the same margins, and the same loss: DPO's plus
-    nll_coef times the chosen responses' mean per-token loss."""
-    model, tokenizer = tiny_dpo(nll_coef=0.5), tokenizer_for_tests()
+    nll_coef times the chosen responses' mean per-token loss. With dpop_lambda (DPO-Positive) the loss's
+    sigmoid also takes beta * lambda * (log ref(y_w) - log pi(y_w)) off the margin of each pair whose chosen
+    response the policy finds less likely than the reference does, and nothing off the others."""
+    model, tokenizer = tiny_dpo(nll_coef=0.5, dpop_lambda=dpop_lambda), tokenizer_for_tests()
     _, batches = tiny_pairs(tokenizer, model.policy.n_image_tokens)
     batch = batches.batch("train", [0, 1, 2, 3])
     margins, loss, _ = model.eval()(**batch)
     B = 4
-    expected, chosen_nll, chosen_tokens = [], 0.0, 0
+    expected, fallen, chosen_nll, chosen_tokens = [], [], 0.0, 0
     for i in range(B):
         reward = {}
         for name, net in (("policy", model.policy), ("reference", model.reference)):
@@ -1877,8 +1880,11 @@ def test_dpo_loss_and_margins_match_a_brute_force_from_logits():
         chosen_tokens += (batch["targets"][i] != -100).sum().item()
         expected.append(0.3 * ((reward["policy"][0] - reward["reference"][0])
                                - (reward["policy"][1] - reward["reference"][1])))
-    assert margins.tolist() == pytest.approx(expected, abs=1e-4)
-    dpo_part = sum(math.log(1 + math.exp(-m)) for m in expected) / B
+        fallen.append(reward["reference"][0] - reward["policy"][0])
+    assert margins.tolist() == pytest.approx(expected, abs=1e-4)  # DPO's margins, with or without DPOP
+    assert min(fallen) < 0 < max(fallen)  # some chosen responses became likelier, some less likely
+    penalties = [0.3 * dpop_lambda * f if f > 0 else 0.0 for f in fallen]
+    dpo_part = sum(math.log(1 + math.exp(-(m - p))) for m, p in zip(expected, penalties)) / B
     assert loss.item() == pytest.approx(dpo_part + 0.5 * chosen_nll / chosen_tokens, abs=1e-5)
     assert len(set(round(m, 3) for m in expected)) == B  # four different margins: no pair was scored twice
 
