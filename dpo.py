@@ -15,7 +15,9 @@ Each log-prob is summed over the response's tokens only (image, prompt and paddi
 targets). beta * (log pi - log ref) is a response's *implicit reward*, and the bracket times beta is the pair's
 reward margin. At the start policy = reference: every margin is 0 and the loss is ln 2. The reference is what
 keeps DPO from driving the rejected response's probability to zero at any cost: the loss only rewards moving
-away from the reference as far as the margin needs (a small beta lets the policy move further).
+away from the reference as far as the margin needs (a small beta lets the policy move further). By default the
+loss is DPO-Positive's (--dpop_lambda, see dpo_loss), which also keeps the chosen response from becoming less
+likely than under the reference.
 
 Policy and reference both start from the phase-3 checkpoint; the vision encoder stays frozen, the projector and
 the LLM train. The training loop is pretrain.py's, the VLM and its generation align.py's, the chat format and
