@@ -1744,6 +1744,8 @@ QUICK_START_TINY = {
     "align.py": ["--encoder_steps=2", "--train_images=32", "--eval_images=4", "--max_iters=2", "--eval_iters=1",
                  "--batch_size=4"],
     "instruct.py": ["--train_images=32", "--eval_images=2", "--max_iters=2", "--eval_iters=1", "--batch_size=4"],
+    "dpo.py": ["--pref_scenes=6", "--pref_samples=1", "--eval_images=4", "--max_iters=2", "--eval_iters=1",
+               "--batch_size=4"],
     "sample.py": ["--max_new_tokens=8"],
     "caption.py": ["--max_new_tokens=8"],
 }
@@ -1784,11 +1786,11 @@ def test_readme_quick_start_runs_as_written(tmp_path):
         readme = f.read()
     commands = quick_start_commands(readme)
     scripts = [c[1] for c in commands]
-    for phase in ("pretrain.py", "align.py", "instruct.py"):
+    for phase in ("pretrain.py", "align.py", "instruct.py", "dpo.py"):
         assert phase in scripts, f"the quick start should run {phase}"
     assert run_quick_start(readme, tmp_path / "repo") is None
     out = tmp_path / "repo" / "out"
-    for phase in ("pretrain", "align", "instruct"):
+    for phase in ("pretrain", "align", "instruct", "dpo"):
         assert (out / phase / "ckpt.pt").is_file(), f"the quick start did not write out/{phase}/ckpt.pt"
 
 
