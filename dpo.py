@@ -185,8 +185,12 @@ class PreferenceBatches:
         rows = torch.randint(len(self.pairs[split]), (self.batch_size,), generator=self.generator)
         return self.batch(split, rows.tolist())
 
+    def eval_pairs(self):
+        """How many held-out pairs an evaluation scores: the first eval_iters x batch_size, or all of them."""
+        return min(len(self.pairs["val"]), self.eval_iters * self.batch_size)
+
     def eval_batches(self):
-        n = min(len(self.pairs["val"]), self.eval_iters * self.batch_size)
+        n = self.eval_pairs()
         return [self.batch("val", list(range(s, min(s + self.batch_size, n)))) for s in range(0, n, self.batch_size)]
 
     def state_dict(self):
@@ -508,7 +512,7 @@ def main(argv=None):
               f"{config['beta']}; {config['max_iters']} steps of {config['batch_size']} pairs", flush=True)
         for split in ("train", "val"):
             print(f"{split} pairs: {len(batches.pairs[split]):,} ({describe_mix(batches.pairs[split])})", flush=True)
-        counted = sum(len(batch["features"]) for batch in batches.eval_batches())
+        counted = batches.eval_pairs()
         if counted < len(batches.pairs["val"]):
             print(f"pref acc and margin count the first {counted:,} val pairs (--eval_iters x --batch_size)", flush=True)
         if not config["resume"]:  # step 0, so that before and after are in one log

@@ -2247,6 +2247,8 @@ def test_dpo_cli_logs_step_zero_and_after_and_caption_reads_its_checkpoint(tiny_
     evals = [line for line in result.stdout.splitlines() if line.startswith("eval step")]
     assert len(evals) == 2 and evals[0].startswith("eval step 0: val loss 0.6931 |"), result.stdout  # ln 2
     assert "pref acc 0.000 | margin 0.000" in evals[0] and evals[1].startswith("eval step 2:")
+    # one val scene gives more than eval_iters x batch_size = 4 pairs, and the log says which ones pref acc counts
+    assert "pref acc and margin count the first 4 val pairs" in result.stdout, result.stdout
     for name in ("pref acc", "margin", "answer all", "answer exists", "answer position", "caption exact",
                  "hallucination"):
         assert all(f"| {name} " in line for line in evals), name
