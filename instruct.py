@@ -77,7 +77,7 @@ def shapes_conversations(split, n, seed, image_size):
         qa = [(q, a) for q, a, _ in shapes_world.questions(scene, rng)]
         # The caption joins the questions of 80 % of scenes; as 1-3 of them are kept, 27 % of conversations ask for
         # it. At 20 % (7 % of conversations) phase 3 forgot much of phase 2's captioning: asked in a turn it
-        # captioned 75-87 % of held-out scenes exactly over three seeds, against 93.5-95 % now, its answers within
+        # captioned 75.5-86.5 % of held-out scenes exactly over three seeds, against 93.5-95 % now, answers within
         # a point of what they were (docs/research.md).
         if rng.random() < 0.8:
             qa.append((CAPTION_REQUEST, shapes_world.caption(scene)))
