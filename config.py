@@ -79,8 +79,7 @@ CONFIG = dict(
     train_images=12_000,        # Shapes World scenes for caption training
     eval_images=200,            # held-out scenes whose generated captions are scored at each eval
     epochs=0,                   # if > 0, max_iters = epochs over the training captions
-    encoder_steps=900,          # Shapes World: steps of the stand-in "ImageNet pretraining" of the encoder (600
-                                # misread the kind of 6 of 5,824 held-out shapes, 900 none: docs/research.md)
+    encoder_steps=600,          # Shapes World: steps of the stand-in "ImageNet pretraining" of the encoder
     encoder_lr=2e-3,            # Shapes World: its peak learning rate
     # --- instruct: phase 3, visual instruction tuning (README: Phase 3) ---
     align_ckpt="",              # the phase-2 checkpoint to start from; "" means <out_root>/align/ckpt.pt
