@@ -167,8 +167,8 @@ PHASE_DEFAULTS = {
     "align": dict(lr=3e-3, min_lr=3e-4, batch_size=32, max_iters=2400, warmup_iters=30, eval_interval=600,
                   log_interval=100, eval_iters=10, group_by_length=16),
     # A step of 32 conversations, run as two micro-batches of 16 of similar length (group_by_length).
-    "instruct": dict(lr=1e-3, min_lr=1e-4, batch_size=16, grad_accum_steps=2, group_by_length=2, max_iters=1600,
-                     warmup_iters=30, eval_interval=400, log_interval=100, eval_iters=20, eval_images=100,
+    "instruct": dict(lr=1e-3, min_lr=1e-4, batch_size=16, grad_accum_steps=2, group_by_length=2, max_iters=900,
+                     warmup_iters=30, eval_interval=300, log_interval=100, eval_iters=20, eval_images=100,
                      projector_lr_scale=4.0),
     # eval_iters x batch_size = 1,280 held-out pairs at most: every one of Shapes World's (about 1,000).
     "dpo": dict(lr=5e-5, min_lr=5e-6, batch_size=32, max_iters=300, warmup_iters=20, eval_interval=150,
