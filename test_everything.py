@@ -1312,6 +1312,36 @@ def answer_positions_of(sequence):
     return positions
 
 
+def question_type(question):
+    """The type of a Shapes World question, read from its wording (not from shapes_world's generators)."""
+    for prefix, qtype in (("is there", "exists"), ("can you see", "exists"), ("where is", "position"),
+                          ("in which part", "position"), ("how many", "count"), ("what color", "color"),
+                          ("what is the color", "color"), ("what shape", "kind"), ("what kind", "kind"),
+                          ("what is the", "kind")):
+        if question.startswith(prefix):
+            return qtype
+    raise AssertionError(f"unknown question: {question!r}")
+
+
+def test_shapes_conversations_ask_every_question_of_their_scene():
+    """Each scene's conversation asks every type once (position only where some shape has a unique name),
+    the caption request at most once and answered with the scene's caption, and the image in the first turn."""
+    data = instruct.shapes_conversations("train", 300, 0, 48)
+    with_caption = 0
+    for (row, turns), scene in zip(data.pairs, data.scenes):
+        assert data.scenes[row] is scene and turns[0][0].startswith(instruct.IMAGE_MARKER)
+        assert not any(instruct.IMAGE_MARKER in question for question, _ in turns[1:])
+        questions = [q.replace(instruct.IMAGE_MARKER, "") for q, _ in turns]
+        captions = [a for q, (_, a) in zip(questions, turns) if q == instruct.CAPTION_REQUEST]
+        with_caption += len(captions)
+        assert captions in ([], [shapes_world.caption(scene)])
+        named = any(shapes_world.unique_name(s, scene["shapes"]) for s in scene["shapes"])
+        expected = {"color", "kind", "count", "exists"} | ({"position"} if named else set())
+        asked = [question_type(q) for q in questions if q != instruct.CAPTION_REQUEST]
+        assert sorted(asked) == sorted(expected), turns
+    assert 0.2 < with_caption / len(data.pairs) < 0.4  # 30 % in expectation
+
+
 def write_llava(tmp_path, n_good=6):
     scenes = write_images(tmp_path / "coco", n_good)
     records = [dict(id=f"good{i}", image=f"img{i}.png", conversations=[
