@@ -78,10 +78,10 @@ def shapes_conversations(split, n, seed, image_size):
         # Every question, not 1-3 of them: each scene has one fixed conversation, so with 1-3 turns only a
         # third of the 12,000 scenes was asked whether a shape is there or where it is, the two questions that
         # must find a shape by its colour and kind, which phase 3 learns last; and the captions took 46 % of
-        # the answer tokens (now 25 %). On AMD EPYC cores (seed 1), 1,600 steps of 1-3 turns answered 95.2 %
-        # (position 82 %); 900 steps of whole conversations, in less time, 96.8 % (position 91 %), captions
-        # asked in a turn as good (97.0 against 97.5 % exact; docs/research.md). 30 % of conversations ask
-        # for the caption, about as many as before (27 %).
+        # the answer tokens (now 25 %). On three seeds' checkpoints (AMD EPYC cores), 1,600 steps of 1-3 turns
+        # answered 95.2-98.2 %, position as low as 82 % on one seed; 900 steps of whole conversations, in less
+        # time, 96.8-97.4 %, every question type at 90 % or more on every seed (docs/research.md has both,
+        # and where the old way did better). 30 % of conversations ask for the caption, as about 27 % did.
         if rng.random() < 0.3:
             turns.append((CAPTION_REQUEST, shapes_world.caption(scene)))
         rng.shuffle(turns)
