@@ -38,10 +38,12 @@ CONFIG = dict(
     text_column="text",     # the column (.jsonl: the field) that holds each document
     max_tokens=5_000_000,   # stop preparing text after this many training tokens
     shapes_docs=60_000,     # Shapes World training documents to generate
+    doc_aligned=True,       # every attn_chunk of a training window starts at a document's first token, so that a
+                            # RoPE layer sees short documents whole; false: nanoGPT's windows from anywhere
     # --- loop: the training loop (README: The training loop) ---
     batch_size=16,          # sequences per micro-batch (per process)
     grad_accum_steps=1,     # micro-batches per optimizer step
-    max_iters=900,          # optimizer steps
+    max_iters=700,          # optimizer steps
     max_seconds=0.0,        # if > 0, also stop (and save) after this much training time
     lr=5e-4,                # peak learning rate; at 3e-3 the Shapes World model never learns to copy from its context
     min_lr=5e-5,            # cosine decay ends here
@@ -51,7 +53,7 @@ CONFIG = dict(
     beta2=0.95,             # AdamW: decay of the running mean of squared gradients
     grad_clip=1.0,          # clip the gradient's global norm to this; 0 = off
     aux_loss_coef=0.01,     # weight of the Switch load-balancing loss
-    eval_interval=300,      # steps between evaluations (and checkpoints)
+    eval_interval=350,      # steps between evaluations (and checkpoints)
     eval_iters=20,          # batches per evaluation
     log_interval=50,        # steps between log lines
     dtype="auto",           # "auto" (bf16 on CUDA if supported, else fp16; fp32 on CPU), "float32", "bfloat16", "float16"
@@ -125,6 +127,8 @@ PRESETS = {
         vocab_size=32_000, dim=768, n_layers=12, n_heads=12, n_kv_heads=4, head_dim=64, ffn_hidden=2048,
         moe_hidden=1024,
         attn_chunk=512, context=1024, text_source="hf", data_dir="data/cosmopedia", max_tokens=200_000_000,
+        doc_aligned=False,  # Cosmopedia's documents are about as long as a chunk or longer: aligned windows
+                            # would rarely train past a document's first 512 tokens
         batch_size=7, max_iters=20_000, lr=3e-4, min_lr=3e-5, warmup_iters=1000, eval_interval=1000,
         eval_iters=50, log_interval=100, dtype="auto",
         align=dict(vision_model="vit_b_16", vision_weights="IMAGENET1K_V1", image_size=224, pixel_shuffle=1,

@@ -73,33 +73,64 @@ def ensure_text_data(config):
 
 
 class TextBatches:
-    """Random windows of context + 1 tokens from the memory-mapped token streams, as nanoGPT draws them.
+    """Training windows of context + 1 tokens from the memory-mapped token streams.
+
+    nanoGPT draws each window from a random place in the stream (`piece=0`). With `piece` set (the attention
+    chunk: config["doc_aligned"]), a window is context // piece pieces, and each piece starts at a document's
+    first token. That matters for a model that learns to copy: a RoPE layer sees only its own chunk, so a
+    document cut by a chunk border cannot be restated from what it said before the border. Shapes World's
+    documents are 75 tokens on average; drawn at random, only a third of their tokens lie in a document
+    that one chunk of 128 holds whole, and aligned about two thirds (docs/research.md).
 
     Each process (DDP rank) has its own seeded generator, so ranks read different windows; the generator's
     state is saved in the checkpoint, so a resumed run draws exactly the windows the uninterrupted run would.
     """
 
-    def __init__(self, data_dir, context, batch_size, device, seed=0, rank=0, eval_iters=20):
+    def __init__(self, data_dir, context, batch_size, device, seed=0, rank=0, eval_iters=20, piece=0):
         self.data_dir, self.context, self.batch_size, self.device = data_dir, context, batch_size, device
         self.eval_iters, self.seed, self.rank = eval_iters, seed, rank
+        self.piece = piece if piece and context % piece == 0 else context  # a piece that does not divide: whole
+        self.aligned = bool(piece)
         self.generator = torch.Generator().manual_seed(seed + rank)
+        self.doc_starts = {}
         for split in ("train", "val"):
             if len(self._tokens(split)) <= context + 1:
                 raise DataError(f"{data_dir}/{split}.bin holds fewer than context + 1 = {context + 1} tokens; "
                                 f"prepare more text or lower --context")
+            if self.aligned:  # where a piece may start: a document's first token, with piece + 1 tokens after it
+                tokens = self._tokens(split)
+                starts = np.flatnonzero(tokens == BOS_ID)
+                self.doc_starts[split] = starts[starts < len(tokens) - self.piece - 1]
+                if not len(self.doc_starts[split]):
+                    raise DataError(f"{data_dir}/{split}.bin has no document start with {self.piece} tokens after "
+                                    f"it; pass --doc_aligned=false")
+        if self.aligned and rank == 0:
+            mean = len(self._tokens("train")) / max(1, len(self.doc_starts["train"]))
+            if mean > self.piece:
+                print(f"note: the documents average {mean:,.0f} tokens, more than a piece of {self.piece}: aligned "
+                      f"windows train only on their first {self.piece}; --doc_aligned=false draws windows from "
+                      f"anywhere", flush=True)
 
     def _tokens(self, split):
         # A fresh memmap per batch keeps memory flat over long runs (nanoGPT does the same).
         return np.memmap(os.path.join(self.data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
 
     def next(self, split="train", generator=None):
-        tokens = self._tokens(split)
-        starts = torch.randint(len(tokens) - self.context - 1, (self.batch_size,),
-                               generator=generator or self.generator).tolist()
-        windows = torch.from_numpy(np.stack([tokens[s:s + self.context + 1] for s in starts]).astype(np.int64))
+        tokens, generator = self._tokens(split), generator or self.generator
+        n_pieces = self.batch_size * self.context // self.piece
+        if self.aligned:  # a random document start for each piece
+            starts = self.doc_starts[split][torch.randint(len(self.doc_starts[split]), (n_pieces,),
+                                                          generator=generator).numpy()]
+        else:             # anywhere in the stream
+            starts = torch.randint(len(tokens) - self.piece - 1, (n_pieces,), generator=generator).tolist()
+        pieces = np.stack([tokens[s:s + self.piece + 1] for s in starts]).astype(np.int64)
+        # Each piece's targets are its own tokens shifted by one; the last one is the token after the piece.
+        inputs = torch.from_numpy(pieces[:, :-1].reshape(self.batch_size, self.context))
+        targets = torch.from_numpy(pieces[:, 1:].reshape(self.batch_size, self.context))
         if self.device.type == "cuda":
-            windows = windows.pin_memory().to(self.device, non_blocking=True)
-        return dict(tokens=windows[:, :-1], targets=windows[:, 1:])  # (B, T) each; targets shifted by one
+            inputs = inputs.pin_memory().to(self.device, non_blocking=True)
+            targets = targets.pin_memory().to(self.device, non_blocking=True)
+        return dict(tokens=inputs, targets=targets)  # (B, T) each
 
     def eval_batches(self):
         """The same validation windows at every evaluation, so successive val losses are comparable."""
@@ -1170,7 +1201,7 @@ def main(argv=None):
               f"baseline: token frequencies alone give val loss {meta.get('unigram_val_loss', float('nan')):.3f}",
               flush=True)
     batches = TextBatches(config["data_dir"], config["context"], config["batch_size"], device, config["seed"],
-                          rank, config["eval_iters"])
+                          rank, config["eval_iters"], piece=config["attn_chunk"] if config["doc_aligned"] else 0)
     def extra_metrics(model):
         metrics = {"val bpb": bits_per_byte(model, tokenizer, config["data_dir"])}
         if config["text_source"] == "shapes":  # how well it reads its context: the skill phases 2 and 3 need

@@ -723,6 +723,33 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     assert all(torch.load(tmp_path / f"nan{rank}.pt").startswith("loss is nan at step 0") for rank in (0, 1))
 
 
+def test_aligned_windows_start_every_chunk_at_a_document_and_are_copies_of_the_stream(tiny_data):
+    """With piece=16 each window of 32 is two pieces of the stream that each begin at a document's first token,
+    its targets the same pieces shifted by one (found by brute force among every document start); with
+    piece=0 the windows are nanoGPT's, drawn anywhere with the same generator calls as before (a reference
+    draw); a piece that does not divide the context makes the window one piece."""
+    stream = np.memmap(os.path.join(tiny_data["data_dir"], "train.bin"), dtype=np.uint16, mode="r")
+    starts = np.flatnonzero(stream == pretrain.BOS_ID)
+    def where(tokens, targets):
+        """The document starts s whose stream[s:s+n] is tokens and stream[s+1:s+n+1] targets."""
+        n = len(tokens)
+        return [s for s in starts if np.array_equal(stream[s:s + n], tokens) and
+                np.array_equal(stream[s + 1:s + n + 1], targets)]
+    cpu = torch.device("cpu")
+    for piece, context in ((16, 32), (24, 32)):
+        batch = pretrain.TextBatches(tiny_data["data_dir"], context, 4, cpu, seed=3, piece=piece).next()
+        length = piece if context % piece == 0 else context
+        for row in range(4):
+            for j in range(0, context, length):
+                tokens, targets = batch["tokens"][row, j:j + length], batch["targets"][row, j:j + length]
+                assert tokens[0] == pretrain.BOS_ID and where(tokens.numpy(), targets.numpy())
+    anywhere = pretrain.TextBatches(tiny_data["data_dir"], 32, 4, cpu, seed=3).next()
+    drawn = torch.randint(len(stream) - 33, (4,), generator=torch.Generator().manual_seed(3)).tolist()
+    windows = torch.tensor(np.stack([stream[s:s + 33] for s in drawn]).astype(np.int64))
+    assert torch.equal(anywhere["tokens"], windows[:, :-1]) and torch.equal(anywhere["targets"], windows[:, 1:])
+    assert (anywhere["tokens"][:, 0] != pretrain.BOS_ID).any()  # anywhere: not (only) at document starts
+
+
 class Killed(Exception):
     pass
 
@@ -745,7 +772,7 @@ def test_resume_continues_the_same_loss_curve(tiny_data, tmp_path):
     cfg = dict(loop_config(tmp_path, **{k: tiny_data[k] for k in ("vocab_size", "data_dir")}),
                max_iters=12, eval_interval=4, eval_iters=2, context=32, batch_size=4, aux_loss_coef=0.01,
                grad_clip=1.0, warmup_iters=3, min_lr=1e-3)
-    make_batches = lambda cls, *a: cls(*a, tiny_data["data_dir"], 32, 4, torch.device("cpu"), 5, 0, 2)
+    make_batches = lambda cls, *a: cls(*a, tiny_data["data_dir"], 32, 4, torch.device("cpu"), 5, 0, 2, piece=16)
     whole = pretrain.train(dict(cfg, out_dir=str(tmp_path / "whole")), tiny_model(vocab_size=320),
                            make_batches(pretrain.TextBatches))
     with pytest.raises(Killed):  # dies during step 7, after the checkpoint at step 4
