@@ -1202,7 +1202,8 @@ def main(argv=None):
               f"baseline: token frequencies alone give val loss {meta.get('unigram_val_loss', float('nan')):.3f}",
               flush=True)
     batches = TextBatches(config["data_dir"], config["context"], config["batch_size"], device, config["seed"],
-                          rank, config["eval_iters"], piece=config["attn_chunk"] if config["doc_aligned"] else 0)
+                          rank, config["eval_iters"],
+                          piece=(config["attn_chunk"] or config["context"]) if config["doc_aligned"] else 0)
     def extra_metrics(model):
         metrics = {"val bpb": bits_per_byte(model, tokenizer, config["data_dir"])}
         if config["text_source"] == "shapes":  # how well it reads its context: the skill phases 2 and 3 need
