@@ -93,20 +93,21 @@ class TextBatches:
         self.piece = piece if piece and context % piece == 0 else context  # a piece that does not divide: whole
         self.aligned = bool(piece)
         self.generator = torch.Generator().manual_seed(seed + rank)
-        self.doc_starts = {}
+        self.doc_starts, lengths = {}, {}
         for split in ("train", "val"):
-            if len(self._tokens(split)) <= context + 1:
+            tokens = self._tokens(split)
+            lengths[split] = len(tokens)
+            if len(tokens) <= context + 1:
                 raise DataError(f"{data_dir}/{split}.bin holds fewer than context + 1 = {context + 1} tokens; "
                                 f"prepare more text or lower --context")
             if self.aligned:  # where a piece may start: a document's first token, with piece + 1 tokens after it
-                tokens = self._tokens(split)
                 starts = np.flatnonzero(tokens == BOS_ID)
                 self.doc_starts[split] = starts[starts < len(tokens) - self.piece - 1]
                 if not len(self.doc_starts[split]):
                     raise DataError(f"{data_dir}/{split}.bin has no document start with {self.piece} tokens after "
                                     f"it; pass --doc_aligned=false")
         if self.aligned and rank == 0:
-            mean = len(self._tokens("train")) / max(1, len(self.doc_starts["train"]))
+            mean = lengths["train"] / len(self.doc_starts["train"])
             if mean > self.piece:
                 print(f"note: the documents average {mean:,.0f} tokens, more than a piece of {self.piece}: aligned "
                       f"windows train only on their first {self.piece}; --doc_aligned=false draws windows from "
@@ -126,12 +127,10 @@ class TextBatches:
             starts = torch.randint(len(tokens) - self.piece - 1, (n_pieces,), generator=generator).tolist()
         pieces = np.stack([tokens[s:s + self.piece + 1] for s in starts]).astype(np.int64)
         # Each piece's targets are its own tokens shifted by one; the last one is the token after the piece.
-        inputs = torch.from_numpy(pieces[:, :-1].reshape(self.batch_size, self.context))
-        targets = torch.from_numpy(pieces[:, 1:].reshape(self.batch_size, self.context))
-        if self.device.type == "cuda":
-            inputs = inputs.pin_memory().to(self.device, non_blocking=True)
-            targets = targets.pin_memory().to(self.device, non_blocking=True)
-        return dict(tokens=inputs, targets=targets)  # (B, T) each
+        both = torch.from_numpy(np.stack([pieces[:, :-1], pieces[:, 1:]]).reshape(2, self.batch_size, self.context))
+        if self.device.type == "cuda":  # one copy to the device for inputs and targets together
+            both = both.pin_memory().to(self.device, non_blocking=True)
+        return dict(tokens=both[0], targets=both[1])  # (B, T) each
 
     def eval_batches(self):
         """The same validation windows at every evaluation, so successive val losses are comparable."""
