@@ -76,9 +76,10 @@ class TextBatches:
     """Training windows of context + 1 tokens from the memory-mapped token streams.
 
     nanoGPT draws each window from a random place in the stream (`piece=0`). With `piece` set (main passes
-    attn_chunk when config["doc_aligned"] is on), a window is context // piece pieces, and each piece starts at
-    a document's first token. That matters for a model that learns to copy: a RoPE layer sees only its own
-    chunk, so a document cut by a chunk border cannot be restated from what it said before the border.
+    attn_chunk, or the whole context when attn_chunk is 0, when config["doc_aligned"] is on), a window is
+    context // piece pieces, and each piece starts at a document's first token. That matters for a model that
+    learns to copy: a RoPE layer sees only its own chunk, so a document cut by a chunk border cannot be restated
+    from what it said before the border.
     Shapes World's documents are 75 tokens on average; drawn from anywhere, only a third of their tokens lie
     in a document that its chunk of 128 holds whole, aligned two thirds, and phase 1 learns to copy in far
     fewer steps (docs/research.md, "Every chunk starts at a document").
