@@ -1,6 +1,6 @@
 """The Shapes World vision encoder: the stand-in for ImageNet pretraining, run once before phase 2.
 
-    python align.py      # trains it first if out/align/shapes_vit_*.pt is missing (~1 min on a CPU), then caches it
+    python align.py      # trains it first if out/align/shapes_vit_*.pt is missing (~1.5 min on a CPU), then caches it
 
 A *randomly initialised* frozen encoder gives patch tokens that are nearly identical to each other: colour
 survives, shape kind barely does, and the projector cannot recover what the encoder never extracted.
@@ -69,7 +69,7 @@ class ImageBatches:
         grid = config["image_size"] // 8
         transform = image_transform(config)
         self.data = {}
-        for split, n in (("train", 8000), ("val", 500)):
+        for split, n in (("train", config["encoder_images"]), ("val", 500)):
             scenes = shapes_world.make_scenes(split, n, seed=config["seed"] + 1)
             images = torch.stack([transform(shapes_world.render(s, config["image_size"])) for s in scenes])
             labels = torch.tensor([patch_labels(s, grid) for s in scenes])
@@ -111,7 +111,8 @@ def shapes_encoder_weights(config, device):
     """The trained encoder's state dict, from its cache file; trained first when the file is missing."""
     # Named by every setting that changes the encoder, so that changing one trains a new encoder.
     path = os.path.join(config["out_root"], "align", f"shapes_vit_{config['image_size']}px_"
-                        f"{config['encoder_steps']}steps_lr{config['encoder_lr']:g}_seed{config['seed']}.pt")
+                        f"{config['encoder_steps']}steps_{config['encoder_images']}images_lr{config['encoder_lr']:g}_"
+                        f"seed{config['seed']}.pt")
     missing = not os.path.exists(path)
     if torch.distributed.is_initialized():  # every process trains (DDP) if any machine lacks the file
         flag = torch.tensor(float(missing), device=device)

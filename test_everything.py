@@ -1524,7 +1524,8 @@ def test_every_phase_logs_mfu_on_a_known_gpu(tiny_data, tiny_vlm_ckpts, tmp_path
             "--n_heads=4", "--n_kv_heads=2", "--ffn_hidden=48", "--moe_hidden=24", "--context=64",
             "--attn_chunk=16", "--batch_size=2", f"--out_dir={out}", *short]),
         "shapes_encoder": lambda out: shapes_encoder.pretrain_shapes_encoder(
-            config_module.get_config("align", ["--image_size=32", "--encoder_steps=2", "--device=cpu"]),
+            config_module.get_config("align", ["--image_size=32", "--encoder_steps=2", "--encoder_images=64",
+                                              "--device=cpu"]),
             torch.device("cpu"), str(out / "encoder.pt")),
         "align": lambda out: align.main([f"--llm_ckpt={llm_ckpt}", "--vision_weights=none", "--projector_hidden=32",
                                          f"--out_dir={out}", *vlm]),
@@ -1781,7 +1782,7 @@ def test_no_held_out_scene_is_trained_on(seed):
     trained = {scene_key(s) for s in align.caption_set(dict(config, train_images=CONFIG["train_images"]),
                                                        "train").scenes}
     trained |= {scene_key(s) for s in instruct.shapes_conversations("train", CONFIG["train_images"], seed, 64).scenes}
-    trained |= {scene_key(s) for s in shapes_world.make_scenes("train", 8000, seed=seed + 1)}  # the encoder's
+    trained |= {scene_key(s) for s in shapes_world.make_scenes("train", CONFIG["encoder_images"], seed=seed + 1)}
     assert len(held_out) > 200 and len(trained) > 20_000
     assert not held_out & trained
     documents = shapes_world.text_documents("train", CONFIG["shapes_docs"], seed=seed)
