@@ -82,8 +82,8 @@ CONFIG = dict(
     eval_images=200,            # held-out scenes whose generated captions are scored at each eval
     epochs=0,                   # if > 0, max_iters = epochs over the training captions
     encoder_steps=600,          # Shapes World: steps of the stand-in "ImageNet pretraining" of the encoder
-    encoder_images=24_000,      # Shapes World: rendered training scenes it draws its steps' images from; 8,000
-                                # let it misread 18 of 5,936 fresh shapes' kinds, 24,000 8 (docs/research.md)
+    encoder_images=8_000,       # Shapes World: rendered training scenes it draws its steps' images from (24,000:
+                                # fewer shapes misread, but no better captions or answers; docs/research.md)
     encoder_lr=2e-3,            # Shapes World: its peak learning rate
     # --- instruct: phase 3, visual instruction tuning (README: Phase 3) ---
     align_ckpt="",              # the phase-2 checkpoint to start from; "" means <out_root>/align/ckpt.pt
@@ -170,12 +170,10 @@ POSITIONAL = {"caption": ("image",), "export": ("ckpt", "out_dir"), "shapes_worl
 
 # Each phase's own defaults, applied over CONFIG and under the presets.
 PHASE_DEFAULTS = {
-    # 1,800 steps: with the encoder of 24,000 scenes phase 2 captions as well as it did in 2,400 on 8,000's.
-    "align": dict(lr=3e-3, min_lr=3e-4, batch_size=32, max_iters=1800, warmup_iters=30, eval_interval=600,
+    "align": dict(lr=3e-3, min_lr=3e-4, batch_size=32, max_iters=2400, warmup_iters=30, eval_interval=600,
                   log_interval=100, eval_iters=10, group_by_length=16),
-    # A step of 32 conversations, run as two micro-batches of 16 of similar length (group_by_length); 600 steps
-    # fit 5 minutes on 2 CPU cores (docs/research.md has 900 against 600).
-    "instruct": dict(lr=1e-3, min_lr=1e-4, batch_size=16, grad_accum_steps=2, group_by_length=2, max_iters=600,
+    # A step of 32 conversations, run as two micro-batches of 16 of similar length (group_by_length).
+    "instruct": dict(lr=1e-3, min_lr=1e-4, batch_size=16, grad_accum_steps=2, group_by_length=2, max_iters=900,
                      warmup_iters=30, eval_interval=300, log_interval=100, eval_iters=20, eval_images=100,
                      projector_lr_scale=4.0),
     # eval_iters x batch_size = 1,280 held-out pairs at most: every one of Shapes World's (about 1,000).
