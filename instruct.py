@@ -81,7 +81,8 @@ def shapes_conversations(split, n, seed, image_size):
         # the answer tokens (now 25 %). On three seeds' checkpoints (AMD EPYC cores), 1,600 steps of 1-3 turns
         # answered 95.2-98.2 %, position as low as 82 % on one seed; 900 steps of whole conversations, in less
         # time, 96.8-97.4 %, every question type at 90 % or more on every seed (docs/research.md has both,
-        # and where the old way did better). 30 % of conversations ask for the caption, as about 27 % did.
+        # and where the old way did better; the default is 700 steps since). 30 % of conversations ask for the
+        # caption, as about 27 % did.
         if rng.random() < 0.3:
             turns.append((CAPTION_REQUEST, shapes_world.caption(scene)))
         rng.shuffle(turns)
