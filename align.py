@@ -224,10 +224,12 @@ class VLM(nn.Module):
         return embeds.masked_scatter((tokens == IMAGE_ID)[..., None], image_tokens.to(embeds.dtype))
 
     def forward(self, tokens, targets=None, features=None, images=None, expert_counts=False):
-        """The LLM's outputs (see Transformer.forward) on the text with the images' tokens in it."""
+        """The LLM's outputs (see Transformer.forward) on the text with the images' tokens in it. With targets,
+        the logits are of the positions that have one (at_targets): most are the image's and the prompt's."""
         if features is None:
             features = self.image_features(images)
-        return self.llm(embeds=self.embed(tokens, features), targets=targets, expert_counts=expert_counts)
+        return self.llm(embeds=self.embed(tokens, features), targets=targets, expert_counts=expert_counts,
+                        at_targets=targets is not None)
 
 
 def check_tokenizer(tokenizer, path):

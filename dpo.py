@@ -45,7 +45,7 @@ from data.captions import load_or_explain, shapes_captions
 from data.prepare_text import DataError, held_out
 from instruct import (CAPTION_REQUEST, IMAGE_MARKER, answer_accuracy, question_prefix, render_conversation,
                       shapes_conversations)
-from pretrain import autocast_dtype, evaluate, flops_per_token, run, setup_device, train
+from pretrain import autocast_dtype, evaluate, flops_per_token, run, setup_device, target_positions, train
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -102,10 +102,12 @@ class DPO(nn.Module):
         if features is None:
             features = self.policy.image_features(images)              # the frozen encoder, shared by both
         features = torch.cat([features, features])                     # (2B, patches, D): chosen, then rejected
+        # Logits of the response tokens only, (2B, K, vocab): the positions target_positions picks (at_targets).
         logits, _, aux_loss, *counts = self.policy.llm(embeds=self.policy.embed(tokens, features), targets=targets,
-                                                       expert_counts=expert_counts)  # logits (2B, T, vocab)
+                                                       expert_counts=expert_counts, at_targets=True)
         with torch.no_grad():
-            reference_logits = self.reference(tokens, features=features)[0]
+            reference_logits = self.reference(tokens, targets=targets, features=features)[0]
+        targets = targets.gather(1, target_positions(targets))         # (2B, K), as the logits are laid out
         policy = sequence_logprobs(logits, targets).chunk(2)           # (chosen (B,), rejected (B,))
         reference = sequence_logprobs(reference_logits, targets).chunk(2)
         loss, margins = dpo_loss(*policy, *reference, self.beta, self.dpop_lambda)

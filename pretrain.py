@@ -193,10 +193,12 @@ def apply_rope(x, cos, sin):
         x * cos        = (3, 4) * (0, 0)   = ( 0, 0)
         flip(x) * sin  = (4, 3) * (-1, 1)  = (-4, 3)
         sum                                = (-4, 3) = (3 cos 90 - 4 sin 90, 4 cos 90 + 3 sin 90), as it should
-    Four whole-tensor ops in fp32, no complex numbers. x: (B, T, heads, head_dim); cos, sin: (T, head_dim)."""
+    Four whole-tensor ops in fp32, no complex numbers. x: (B, T, heads, head_dim); cos, sin: (T, head_dim), or
+    (B, T, head_dim) when each row has its own positions (Attention's `queries`)."""
     x32 = x.float()
     flipped = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)      # (x1, x0) in every pair
-    return (x32 * cos[:, None, :] + flipped * sin[:, None, :]).type_as(x)  # cos, sin broadcast over heads
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)                 # broadcast over heads
+    return (x32 * cos + flipped * sin).type_as(x)
 
 
 def head_dim_of(config):
@@ -225,7 +227,12 @@ def attention_mask(length, offset, chunk, device):
     The RoPE layer's mask is two independent causal triangles: query 4 starts afresh and sees only itself.
     Information crosses chunks only through the NoPE layers."""
     query_pos = torch.arange(offset, offset + length, device=device)[:, None]
-    key_pos = torch.arange(offset + length, device=device)[None, :]
+    return visible(query_pos, torch.arange(offset + length, device=device), chunk)
+
+
+def visible(query_pos, key_pos, chunk):
+    """True where a query at query_pos may look at a key at key_pos (broadcast against each other): the key is
+    at or before the query and, when `chunk` is set, in the same chunk."""
     mask = key_pos <= query_pos
     if chunk:
         mask &= (key_pos // chunk) == (query_pos // chunk)
@@ -297,11 +304,18 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, kv_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=False)
 
-    def forward(self, x, rope, cache=None, offset=0):
-        """x: (B, T, dim) at positions offset .. offset + T - 1; the earlier ones are in `cache` when decoding."""
+    def forward(self, x, rope, cache=None, offset=0, queries=None):
+        """x: (B, T, dim) at positions offset .. offset + T - 1; the earlier ones are in `cache` when decoding.
+        queries: (B, K) positions, or None for all T. When given (training, no cache), only those positions ask:
+        the keys and values are still every position's, the output is (B, K, dim). See Transformer.forward."""
         B, T, _ = x.shape
-        q, k, v = self.project(x, rope, offset)
+        q, k, v = self.project(x, rope, offset, queries)
         chunk = self.chunk if self.use_rope else None                   # NoPE layers see the whole context
+        if queries is not None:  # each row's own query positions: a mask drawn from them, as attention_mask's
+            mask = visible(queries[:, None, :, None], torch.arange(T, device=x.device), chunk)  # (B, 1, K, T)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 attn_mask=mask, enable_gqa=True)
+            return self.o_proj(out.transpose(1, 2).reshape(B, queries.shape[1], -1))
         path = attention_path(T, offset, chunk, cached=cache is not None)
         if path == "folded":
             out = folded_chunk_attention(q, k, v, chunk)                # (B, T, n_heads, head_dim)
@@ -318,15 +332,19 @@ class Attention(nn.Module):
             out = out.transpose(1, 2)                                   # (B, T, n_heads, head_dim)
         return self.o_proj(out.reshape(B, T, -1))
 
-    def project(self, x, rope, offset):
-        """q (B, T, n_heads, head_dim), k and v (B, T, n_kv_heads, head_dim), positioned as this layer's kind wants."""
+    def project(self, x, rope, offset, queries=None):
+        """q (B, T, n_heads, head_dim), k and v (B, T, n_kv_heads, head_dim), positioned as this layer's kind wants;
+        with `queries` (B, K) q is (B, K, n_heads, head_dim), of those positions only."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        query_pos = torch.arange(offset, offset + T, device=x.device) if queries is None else queries
+        x_q = x if queries is None else rows_at(x, queries)
+        q = self.q_proj(x_q).view(*x_q.shape[:2], self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         if self.use_rope:
             cos, sin = rope[0][offset:offset + T], rope[1][offset:offset + T]
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q = apply_rope(q, rope[0][query_pos], rope[1][query_pos])  # (T, head_dim) or (B, K, head_dim) each
+            k = apply_rope(k, cos, sin)
             # Llama 4's "L2 norm" (use_qk_norm): every head's q and k divided by its root-mean-square, with no
             # learnt weight, so each has length sqrt(head_dim) and every attention logit q·k / sqrt(head_dim)
             # stays within ±sqrt(head_dim): no logit can run away in training. A rotation keeps lengths, so
@@ -339,9 +357,9 @@ class Attention(nn.Module):
             # it reached 0.06 (the copy test; docs/research.md).
             q, k = rms_normalize(q, self.eps), rms_normalize(k, self.eps)
         elif offset + T >= self.floor_scale:  # below that every position's temperature is exactly 1
-            positions = torch.arange(offset, offset + T, device=x.device, dtype=torch.float32)
+            positions = query_pos.float()
             temperature = 1 + self.attn_scale * torch.log(torch.floor((positions + 1) / self.floor_scale) + 1)
-            q = (q * temperature[:, None, None]).type_as(q)
+            q = (q * temperature[..., None, None]).type_as(q)
         return q, k, v
 
 
@@ -550,13 +568,28 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config["dim"], config["norm_eps"])
         self.ffn = MoE(config) if self.is_moe else FeedForward(config["dim"], config["ffn_hidden"])
 
-    def forward(self, x, rope, cache=None, offset=0):
-        """-> (output, the MoE's balancing loss or None, its routed slots per expert or None)."""
-        h = x + self.attn(self.attn_norm(x), rope, cache, offset)
+    def forward(self, x, rope, cache=None, offset=0, queries=None):
+        """-> (output, the MoE's balancing loss or None, its routed slots per expert or None). With `queries`
+        (B, K) the output is of those positions only (Transformer.forward's at_targets)."""
+        residual = x if queries is None else rows_at(x, queries)
+        h = residual + self.attn(self.attn_norm(x), rope, cache, offset, queries)
         if self.is_moe:
             ffn_out, aux_loss, counts = self.ffn(self.ffn_norm(h))
             return h + ffn_out, aux_loss, counts
         return h + self.ffn(self.ffn_norm(h)), None, None
+
+
+def rows_at(x, positions):
+    """x[b, positions[b, k]] for every row b: (B, T, dim), (B, K) -> (B, K, dim)."""
+    return x.gather(1, positions[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def target_positions(targets):
+    """(B, K) positions: each row's positions that have a target (targets != -100), in order, K the most any row
+    has; a row with fewer is filled up with its first positions without one (whose target stays -100)."""
+    has_target = targets != -100
+    K = max(1, int(has_target.sum(1).max()))
+    return torch.argsort((~has_target).to(torch.uint8), dim=1, stable=True)[:, :K]
 
 
 class Transformer(nn.Module):
@@ -588,27 +621,42 @@ class Transformer(nn.Module):
             out_proj = module.o_proj if isinstance(module, Attention) else module.down_proj
             nn.init.normal_(out_proj.weight, std=residual_std)
 
-    def forward(self, tokens=None, targets=None, embeds=None, cache=None, expert_counts=False):
+    def forward(self, tokens=None, targets=None, embeds=None, cache=None, expert_counts=False, at_targets=False):
         """tokens: (B, T) ids, or embeds: (B, T, dim) ready-made input vectors (phase 2 puts image features
         among them). targets: (B, T) next-token ids, -100 where no loss is taken.
         Returns (logits (B, T, vocab), language-model loss or None, mean MoE load-balancing loss or None); with
         expert_counts=True a fourth item, the routed slots per expert of every MoE layer (n_moe_layers,
-        n_experts), or None for a model without MoE layers."""
+        n_experts), or None for a model without MoE layers.
+
+        at_targets=True (phases 2-4, with targets): logits (B, K, vocab) of target_positions(targets) only. Most
+        positions there are image or prompt tokens, with no target. Every layer but the last must still run
+        at every position, since later positions attend to them; the last block's output at a position is
+        used only by that position's logits, so the last block runs only where there is a target (its keys
+        and values still from every position). The loss is the same; a phase-3 step takes about a sixth less
+        time (docs/research.md). The last MoE layer routes, and balances, those positions only."""
         x = self.embed_tokens(tokens) if embeds is None else embeds    # (B, T, dim)
         offset = cache.length if cache is not None else 0
         if offset + x.shape[1] > self.config["context"]:
             raise ValueError(f"sequence of {offset + x.shape[1]} tokens exceeds the context of "
                              f"{self.config['context']}")
+        queries = None
+        if at_targets:
+            if targets is None or cache is not None:
+                raise ValueError("at_targets needs targets, and no KV cache")
+            queries = target_positions(targets)                        # (B, K)
+            targets = targets.gather(1, queries)                       # (B, K)
         aux_losses, counts = [], []
-        for layer in self.layers:
-            x, aux_loss, layer_counts = layer(x, (self.rope_cos, self.rope_sin), cache, offset)
+        for i, layer in enumerate(self.layers):
+            last = i == len(self.layers) - 1
+            x, aux_loss, layer_counts = layer(x, (self.rope_cos, self.rope_sin), cache, offset,
+                                              queries if last else None)
             if aux_loss is not None:
                 aux_losses.append(aux_loss)
             if layer_counts is not None:
                 counts.append(layer_counts)
         if cache is not None:
             cache.length += x.shape[1]
-        logits = self.lm_head(self.norm(x))                           # (B, T, vocab)
+        logits = self.lm_head(self.norm(x))                           # (B, T or K, vocab)
         loss = aux = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)

@@ -138,6 +138,35 @@ def test_causality():
     assert (before[:, 12] - after[:, 12]).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("n_layers", [4, 3])  # the last block: NoPE + MoE (the default's); RoPE + dense
+def test_last_block_at_targets_equals_the_full_forward(n_layers):
+    """at_targets (phases 2-4) runs the last block only where there is a target. Against the full forward: the
+    same logits at those positions, the same loss, the same gradient of every parameter. Rows with different
+    numbers of targets, one with none; targets on both sides of a chunk boundary; the NoPE temperature on."""
+    model = tiny_model(n_layers=n_layers, floor_scale=4).train()
+    tokens = torch.randint(0, TINY["vocab_size"], (3, 20))
+    targets = torch.full((3, 20), -100)
+    targets[0, [3, 4, 9, 17]] = tokens[0, [4, 5, 10, 18]]  # chunk 8: positions 3-4, 9, 17 in three chunks
+    targets[1, 12:19] = tokens[1, 13:20]
+    positions = pretrain.target_positions(targets)
+    assert positions.tolist()[0][:4] == [3, 4, 9, 17] and positions.tolist()[1] == list(range(12, 19))
+    assert (targets.gather(1, positions)[2] == -100).all()  # row 2: no target, only filler positions
+    runs = []
+    for at_targets in (False, True):
+        model.zero_grad()
+        logits, loss, _ = model(tokens, targets=targets, at_targets=at_targets)
+        loss.backward()  # without the MoE's balancing loss: that one counts the last layer's routed tokens only
+        runs.append((logits, loss, {name: p.grad.clone() for name, p in model.named_parameters()
+                                    if p.grad is not None}))
+    (full, full_loss, full_grads), (kept, kept_loss, kept_grads) = runs
+    has_target = targets.gather(1, positions) != -100
+    torch.testing.assert_close(kept[has_target], pretrain.rows_at(full, positions)[has_target], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(kept_loss, full_loss)
+    assert kept_grads.keys() == full_grads.keys()
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(kept_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("batch, length", [(2, 5), (1, 1)])  # grouped matmul; one token's gathered experts
 def test_moe_matches_per_token_loop(batch, length):
     torch.manual_seed(0)
