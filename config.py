@@ -173,13 +173,13 @@ PHASE_DEFAULTS = {
     "align": dict(lr=3e-3, min_lr=3e-4, batch_size=32, max_iters=2400, warmup_iters=30, eval_interval=600,
                   log_interval=100, eval_iters=10, group_by_length=16),
     # A step of 32 conversations, run as two micro-batches of 16 of similar length (group_by_length). 700 steps:
-    # 301-331 s on 2 AMD EPYC cores, about 275 s in a fast hour where 900 took 347 s; in 600 seed 1 answered
-    # 91.8 %, below its 93 % (docs/research.md, "Phase 3 in 700 steps").
+    # 283 s on 2 AMD EPYC cores in a slow hour (301-331 s before the last block ran at the targets alone); in
+    # 600 seed 1 answered 91.8 %, below its 93 % (docs/research.md, "Phase 3 in 700 steps").
     "instruct": dict(lr=1e-3, min_lr=1e-4, batch_size=16, grad_accum_steps=2, group_by_length=2, max_iters=700,
                      warmup_iters=30, eval_interval=350, log_interval=100, eval_iters=20, eval_images=100,
                      projector_lr_scale=4.0),
     # eval_iters x batch_size = 1,280 held-out pairs at most: every one of Shapes World's (about 1,000).
-    # Evaluated at steps 0 and 300 only: an evaluation costs about 33 s on 2 CPU cores, and the run is the same.
+    # Evaluated at steps 0 and 300 only: an evaluation costs about 18 s on 2 CPU cores, and the run is the same.
     "dpo": dict(lr=5e-5, min_lr=5e-6, batch_size=32, max_iters=300, warmup_iters=20, eval_interval=300,
                 log_interval=20, eval_iters=40),
     "export": dict(out_dir="out/hf"),

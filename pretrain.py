@@ -336,15 +336,16 @@ class Attention(nn.Module):
         """q (B, T, n_heads, head_dim), k and v (B, T, n_kv_heads, head_dim), positioned as this layer's kind wants;
         with `queries` (B, K) q is (B, K, n_heads, head_dim), of those positions only."""
         B, T, _ = x.shape
-        query_pos = torch.arange(offset, offset + T, device=x.device) if queries is None else queries
         x_q = x if queries is None else rows_at(x, queries)
         q = self.q_proj(x_q).view(*x_q.shape[:2], self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         if self.use_rope:
-            cos, sin = rope[0][offset:offset + T], rope[1][offset:offset + T]
-            q = apply_rope(q, rope[0][query_pos], rope[1][query_pos])  # (T, head_dim) or (B, K, head_dim) each
+            cos, sin = rope[0][offset:offset + T], rope[1][offset:offset + T]   # (T, head_dim) each
             k = apply_rope(k, cos, sin)
+            if queries is not None:                                     # each row's own: (B, K, head_dim)
+                cos, sin = rope[0][queries], rope[1][queries]
+            q = apply_rope(q, cos, sin)
             # Llama 4's "L2 norm" (use_qk_norm): every head's q and k divided by its root-mean-square, with no
             # learnt weight, so each has length sqrt(head_dim) and every attention logit q·k / sqrt(head_dim)
             # stays within ±sqrt(head_dim): no logit can run away in training. A rotation keeps lengths, so
@@ -357,7 +358,7 @@ class Attention(nn.Module):
             # it reached 0.06 (the copy test; docs/research.md).
             q, k = rms_normalize(q, self.eps), rms_normalize(k, self.eps)
         elif offset + T >= self.floor_scale:  # below that every position's temperature is exactly 1
-            positions = query_pos.float()
+            positions = (torch.arange(offset, offset + T, device=x.device) if queries is None else queries).float()
             temperature = 1 + self.attn_scale * torch.log(torch.floor((positions + 1) / self.floor_scale) + 1)
             q = (q * temperature[..., None, None]).type_as(q)
         return q, k, v
