@@ -78,7 +78,7 @@ CONFIG = dict(
     cache_features=True,        # encode each image once with the frozen encoder and reuse the features
     group_by_length=1,          # draw the rows of this many micro-batches at once and batch them by length, so that
                                 # little of a batch is padding (align.batches_by_length); 1 = each drawn on its own
-    train_images=12_000,        # Shapes World scenes for caption training
+    train_images=12_000,        # Shapes World training scenes: phase 3's conversations (phase 2's captions: 24,000)
     eval_images=200,            # held-out scenes whose generated captions are scored at each eval
     epochs=0,                   # if > 0, max_iters = epochs over the training captions
     encoder_steps=600,          # Shapes World: steps of the stand-in "ImageNet pretraining" of the encoder
@@ -170,10 +170,10 @@ POSITIONAL = {"caption": ("image",), "export": ("ckpt", "out_dir"), "shapes_worl
 
 # Each phase's own defaults, applied over CONFIG and under the presets.
 PHASE_DEFAULTS = {
-    # 1,800 steps of 32 captions: on the 24,000-image encoder phase 2 captions as well as it did in 2,400 on the
-    # 8,000-image one (docs/research.md, "Align in 1,800 steps"), and align fits its 6 minutes on 2 CPU cores.
+    # 1,800 steps of 32 captions of 24,000 scenes (2,400 of 12,000 before, on an encoder of 8,000): the same
+    # captions, and align fits its 6 minutes on 2 CPU cores (docs/research.md, "Align in 1,800 steps").
     "align": dict(lr=3e-3, min_lr=3e-4, batch_size=32, max_iters=1800, warmup_iters=30, eval_interval=600,
-                  log_interval=100, eval_iters=10, group_by_length=16),
+                  log_interval=100, eval_iters=10, group_by_length=16, train_images=24_000),
     # A step of 32 conversations, run as two micro-batches of 16 of similar length (group_by_length). 700 steps:
     # 283 s on 2 AMD EPYC cores in a slow hour (301-331 s before the last block ran at the targets alone); in
     # 600 seed 1 answered 91.8 %, below its 93 % (docs/research.md, "Phase 3 in 700 steps").

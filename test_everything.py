@@ -1808,8 +1808,8 @@ def test_no_held_out_scene_is_trained_on(seed):
     held_out += [scene_key(s) for s in instruct.shapes_conversations("val", 100, seed, 64).scenes]
     held_out += [scene_key(s) for s in shapes_world.make_scenes("val", 60, seed=1)]  # copy test / probe
     held_out = set(held_out)
-    trained = {scene_key(s) for s in align.caption_set(dict(config, train_images=CONFIG["train_images"]),
-                                                       "train").scenes}
+    align_images = config_module.get_config("align", [])["train_images"]  # align's own default, more than CONFIG's
+    trained = {scene_key(s) for s in align.caption_set(dict(config, train_images=align_images), "train").scenes}
     trained |= {scene_key(s) for s in instruct.shapes_conversations("train", CONFIG["train_images"], seed, 64).scenes}
     trained |= {scene_key(s) for s in shapes_world.make_scenes("train", CONFIG["encoder_images"], seed=seed + 1)}
     assert len(held_out) > 200 and len(trained) > 20_000
