@@ -119,7 +119,11 @@ def shapes_encoder_weights(config, device):
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         missing = bool(flag.item())
     if missing:
-        pretrain_shapes_encoder(config, device, path)
+        # The encoder's training draws from the global random generator, and the projector is initialised after
+        # this call: without the fork a first run (encoder trained here) and a rerun (encoder cached) would start
+        # phase 2 from different projectors. (The fork covers the CPU generator, which initialises the weights.)
+        with torch.random.fork_rng(devices=[]):
+            pretrain_shapes_encoder(config, device, path)
     return torch.load(path, map_location="cpu", weights_only=True)
 
 

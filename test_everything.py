@@ -1571,6 +1571,23 @@ def test_every_phase_logs_mfu_on_a_known_gpu(tiny_data, tiny_vlm_ckpts, tmp_path
         assert torch.load(ckpt, weights_only=True)["phase"] == phase
 
 
+def test_a_first_align_run_and_a_rerun_start_from_the_same_projector(tiny_vlm_ckpts, tmp_path):
+    """The first `python align.py` trains the Shapes World encoder in-process and a rerun reads it from its cache;
+    both must then initialise the same projector, or a rerun of the README's command gives other captions."""
+    _, _, llm_ckpt = tiny_vlm_ckpts
+    config = config_module.get_config("align", [f"--llm_ckpt={llm_ckpt}", "--image_size=32", "--encoder_steps=2",
+                                                "--encoder_images=64", "--projector_hidden=32", "--device=cpu",
+                                                f"--out_root={tmp_path}"])
+    projectors = []
+    for run in ("trains the encoder", "reads it from the cache"):
+        torch.manual_seed(config["seed"])  # as align.main does
+        vlm, _, _ = align.build_vlm(config, torch.device("cpu"))
+        projectors.append({k: v.clone() for k, v in vlm.projector.state_dict().items()})
+        assert len(list((tmp_path / "align").glob("shapes_vit_*.pt"))) == 1, run
+    for key in projectors[0]:
+        assert torch.equal(projectors[0][key], projectors[1][key]), key
+
+
 def huge_png(path, side=100_000):
     """A tiny file that claims to be a side x side PNG: a decompression bomb as far as a decoder knows."""
     import struct
