@@ -78,7 +78,7 @@ CONFIG = dict(
     cache_features=True,        # encode each image once with the frozen encoder and reuse the features
     group_by_length=1,          # draw the rows of this many micro-batches at once and batch them by length, so that
                                 # little of a batch is padding (align.batches_by_length); 1 = each drawn on its own
-    train_images=12_000,        # Shapes World training scenes: phase 3's conversations (phase 2's captions: 24,000)
+    train_images=12_000,        # Shapes World training scenes: phase 3's conversations, phase 2's captions (24,000 there)
     eval_images=200,            # held-out scenes whose generated captions are scored at each eval
     epochs=0,                   # if > 0, max_iters = epochs over the training captions
     encoder_steps=600,          # Shapes World: steps of the stand-in "ImageNet pretraining" of the encoder
@@ -175,7 +175,7 @@ PHASE_DEFAULTS = {
     "align": dict(lr=3e-3, min_lr=3e-4, batch_size=32, max_iters=1800, warmup_iters=30, eval_interval=600,
                   log_interval=100, eval_iters=10, group_by_length=16, train_images=24_000),
     # A step of 32 conversations, run as two micro-batches of 16 of similar length (group_by_length). 700 steps:
-    # 283 s on 2 AMD EPYC cores in a slow hour (301-331 s before the last block ran at the targets alone); in
+    # 266-283 s on 2 AMD EPYC cores in slow hours (301-331 s before the last block ran at the targets alone); in
     # 600 seed 1 answered 91.8 %, below its 93 % (docs/research.md, "Phase 3 in 700 steps").
     "instruct": dict(lr=1e-3, min_lr=1e-4, batch_size=16, grad_accum_steps=2, group_by_length=2, max_iters=700,
                      warmup_iters=30, eval_interval=350, log_interval=100, eval_iters=20, eval_images=100,
