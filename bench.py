@@ -371,14 +371,15 @@ def phase3_row(config, device, repeats, steps=8):
             two_optimizer.zero_grad(set_to_none=True)
     length_s, whole_s, ratios = compare(by_length, one_batch, device, repeats)
     padded = lambda batches: sum(b["tokens"].numel() for b in batches)
-    targets = sum(int((p["targets"] != -100).sum()) for step in pieces for p in step)
+    micro_batches = [p for step in pieces for p in step]
+    targets = sum(int((p["targets"] != -100).sum()) for p in micro_batches)
     at_s, everywhere_s, at_ratios = compare(by_length, lambda: by_length(everywhere_loss), device, repeats)
     return [["phase-3 step time, by length (2 x 16) vs one random batch of 32 (ms)",
              f"Shapes World conversations, {statistics.mean(lengths):.0f} tokens on average; tokens with padding "
-             f"{padded([p for step in pieces for p in step]) / padded(whole):.2f}× of one batch's",
+             f"{padded(micro_batches) / padded(whole):.2f}× of one batch's",
              f"{1000 * length_s / steps:.1f}", f"{1000 * whole_s / steps:.1f}", ratio_text(ratios, "× faster"), "—"],
             ["phase-3 step time, the last block only at the targets (at_targets) vs everywhere (ms)",
-             f"the same steps by length; {targets / padded([p for step in pieces for p in step]):.2f} of the "
+             f"the same steps by length; {targets / padded(micro_batches):.2f} of the "
              f"positions have a target", f"{1000 * at_s / steps:.1f}", f"{1000 * everywhere_s / steps:.1f}",
              ratio_text(at_ratios, "× faster"), "—"]]
 

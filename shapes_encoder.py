@@ -1,6 +1,6 @@
 """The Shapes World vision encoder: the stand-in for ImageNet pretraining, run once before phase 2.
 
-    python align.py      # trains it first if out/align/shapes_vit_*.pt is missing (~1 min on a CPU), then caches it
+    python align.py      # trains it first if out/align/shapes_vit_*.pt is missing (~1.7 min on 2 cores), then caches it
 
 A *randomly initialised* frozen encoder gives patch tokens that are nearly identical to each other: colour
 survives, shape kind barely does, and the projector cannot recover what the encoder never extracted.
