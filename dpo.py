@@ -91,6 +91,7 @@ class DPO(nn.Module):
     def __init__(self, policy, beta, nll_coef=0.0, dpop_lambda=0.0):
         super().__init__()
         self.policy, self.beta, self.nll_coef, self.dpop_lambda = policy, beta, nll_coef, dpop_lambda
+        self.eval_margins = []  # the margins of eval-mode forward passes since evaluate_dpo last read them
         # The reference: a frozen copy of the policy as it starts. Deliberately not a registered submodule: the
         # optimizer, DDP, .train(), the experts' usage statistics and the checkpoint see the policy alone (the
         # reference needs no saving: it is --instruct_ckpt).
@@ -111,6 +112,8 @@ class DPO(nn.Module):
         policy = sequence_logprobs(logits, targets).chunk(2)           # (chosen (B,), rejected (B,))
         reference = sequence_logprobs(reference_logits, targets).chunk(2)
         loss, margins = dpo_loss(*policy, *reference, self.beta, self.dpop_lambda)
+        if not self.training:  # pretrain.evaluate's pass over the held-out pairs: evaluate_dpo reads them
+            self.eval_margins.append(margins.detach().float())
         if self.nll_coef:  # plus the chosen responses' own language-model loss (see --nll_coef)
             B = len(margins)
             loss = loss + self.nll_coef * F.cross_entropy(logits[:B].flatten(0, 1).float(), targets[:B].flatten(),
@@ -277,7 +280,10 @@ def shapes_preferences(reference, tokenizer, config, split, device, rank):
     (a) each distinct wrong response of the phase-3 model - its greedy one and pref_samples sampled at
     temperature 1 - labelled by the scene's ground truth, as RLAIF-V ranks its model's own samples; and
     (b) made-up responses: each question one wrong answer of its form (a flipped yes/no, a wrong colour,
-    kind, number or place), each caption `caption_corruptions` captions with one made-up detail."""
+    kind, number or place) unless the model gave that one already, each caption `caption_corruptions` captions
+    with one made-up detail. The questions are one of each type, as phase 3 asked them; the training pairs add
+    shapes_world.binding_questions, the kinds of question phase 3 still gets wrong (is there a red star beside a
+    red circle and a blue star? where is the large green circle, beside a small one?)."""
     n = config["pref_scenes"] if split == "train" else max(1, config["pref_scenes"] // 8)  # 80:10 as the splits
     scenes = shapes_world.make_scenes(split, n, seed=config["seed"] + 3)  # not the scenes of phases 2 and 3
     images = [lambda scene=scene: shapes_world.render(scene, config["image_size"]) for scene in scenes]
@@ -285,7 +291,12 @@ def shapes_preferences(reference, tokenizer, config, split, device, rank):
     rng = random.Random(f"dpo {config['seed']} {split}")
     asks, truths = [], []
     for row, scene in enumerate(scenes):
-        for question, answer, qtype in shapes_world.questions(scene, rng):
+        # One question of each type, as phase 3 asks them; in training also the harder ones it still gets wrong
+        # (the held-out pairs stay those of phase 3's questions, the ones answer accuracy asks).
+        asked = shapes_world.questions(scene, rng)
+        if split == "train":
+            asked += shapes_world.binding_questions(scene, rng)
+        for question, answer, qtype in dict.fromkeys(asked):  # each distinct question once
             asks.append((row, question))
             truths.append((answer, qtype))
         asks.append((row, CAPTION_REQUEST))
@@ -296,14 +307,17 @@ def shapes_preferences(reference, tokenizer, config, split, device, rank):
                  for _ in range(config["pref_samples"])]
     pairs = []
     for i, ((row, prompt), (truth, qtype)) in enumerate(zip(asks, truths)):
-        for mistake in dict.fromkeys(attempt[i] for attempt in attempts if attempt[i] != truth):
+        mistakes = list(dict.fromkeys(attempt[i] for attempt in attempts if attempt[i] != truth))
+        for mistake in mistakes:
             pairs.append(Pair(row, prompt, truth, mistake, f"own {qtype}"))
         if qtype == "caption":
             for _ in range(config["caption_corruptions"]):
                 made_up, what = corrupt_caption(scenes[row], rng)
                 pairs.append(Pair(row, prompt, truth, made_up, f"made-up caption {what}"))
         else:
-            pairs.append(Pair(row, prompt, truth, corrupt_answer(qtype, truth, rng), f"made-up {qtype}"))
+            made_up = corrupt_answer(qtype, truth, rng)
+            if made_up not in mistakes:  # not the same pair twice: a yes/no question has one wrong answer, and
+                pairs.append(Pair(row, prompt, truth, made_up, f"made-up {qtype}"))  # twice would tip the balance
     return pairs, features
 
 
@@ -461,7 +475,13 @@ def evaluate_dpo(dpo, batches, tokenizer, answers=None, captions=None):
     of phase 2's held-out scenes, asked for in a turn (CAPTION_REQUEST) as in the pairs."""
     was_training = dpo.training
     dpo.eval()
-    margins = torch.cat([dpo(**batch)[0].float() for batch in batches.eval_batches()])
+    # The val loss (pretrain.evaluate, just before) has run every held-out pair through both models; its margins
+    # are kept rather than computed again, which would double an evaluation's cost.
+    margins = torch.cat(dpo.eval_margins) if dpo.eval_margins else torch.zeros(0)
+    dpo.eval_margins.clear()
+    if len(margins) != batches.eval_pairs():  # called on its own: run the held-out pairs now
+        margins = torch.cat([dpo(**batch)[0].float() for batch in batches.eval_batches()])
+        dpo.eval_margins.clear()
     metrics = {"pref acc": (margins > 0).float().mean().item(), "margin": margins.mean().item()}
     # Split by where the rejected response came from: the model's own mistakes are the hard pairs.
     own = torch.tensor([pair.origin.startswith("own") for pair in batches.pairs["val"][:len(margins)]])

@@ -3,11 +3,13 @@
 Every test compares behaviour with an independent reference (a brute-force version, a second code path, an
 invariant), on tiny configs, so the whole file runs in a few minutes on 2 CPU cores.
 """
+import contextlib
 import copy
 import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -2273,6 +2275,77 @@ def test_shapes_pairs_come_from_training_scenes_and_made_up_captions_differ_by_o
                     assert len(made_up) == len(truth) and others(made_up) == others(truth)
         counts = {p.origin.split()[1] for p in pairs if p.origin.startswith("made-up")}
         assert counts == {"caption", "color", "kind", "count", "position", "exists"} or split == "val"
+        # Held-out pairs ask each scene one question of each type (phase 3's, which answer accuracy asks);
+        # training pairs add the harder binding questions.
+        asked = {}
+        for pair in pairs:
+            if pair.prompt != instruct.CAPTION_REQUEST:
+                asked.setdefault(pair.image, set()).add(pair.prompt)
+        most = max(len(prompts) for prompts in asked.values())
+        assert most <= 5 if split == "val" else most > 5
+
+
+def test_binding_questions_are_answered_by_their_scene_and_mix_up_two_shapes():
+    """Every answer of shapes_world.binding_questions, checked against the scene by a reading of the question
+    written here: "is there a <colour> <kind>" is yes exactly when a shape has both, "is there a shape <place>"
+    when a shape is there, "where is the <name>" names one shape alone and answers its cell. Where two shapes
+    differ in colour and in kind, one question asks for one's colour with the other's kind, and its answer is
+    no; existence questions come in yes/no pairs."""
+    places = {phrase: cell for cell, phrase in shapes_world.PLACES.items()}
+    rng, mixed_asked = random.Random(0), 0
+    for scene in shapes_world.make_scenes("train", 400, seed=5):
+        shapes = scene["shapes"]
+        asked = shapes_world.binding_questions(scene, rng)
+        exists = [(q, a) for q, a, t in asked if t == "exists"]
+        assert [a for _, a in exists] == ["no", "yes"] * (len(exists) // 2) and exists
+        for question, answer, qtype in asked:
+            thing = re.search(r"(?:is there|can you see) an? (\w+) (\w+)(?: in the picture)?\?$", question)
+            place = re.fullmatch(r"is there a shape (.+)\?", question)
+            where = re.fullmatch(r"(?:where is|in which part of the picture is) the (.+)\?", question)
+            if place:
+                assert answer == ("yes" if any(s["position"] == places[place[1]] for s in shapes) else "no")
+            elif thing:
+                assert answer == ("yes" if any((s["color"], s["kind"]) == thing.groups() for s in shapes) else "no")
+                if answer == "no":  # a colour and a kind of the scene, never of one shape
+                    assert thing[1] in {s["color"] for s in shapes} and thing[2] in {s["kind"] for s in shapes}
+                    mixed_asked += 1
+            else:
+                words = where[1].split()
+                named = [s for s in shapes if all(w in (s["size"], s["color"], s["kind"]) for w in words)]
+                assert qtype == "position" and len(named) == 1 and answer == named[0]["position"]
+        mixable = any(a["color"] != b["color"] and a["kind"] != b["kind"] for a in shapes for b in shapes)
+        assert mixable == any(re.search(r"(is there|can you see) an? \w+ \w+( in the picture)?\?$", q) and a == "no"
+                              for q, a in exists), scene
+    assert mixed_asked > 100
+
+
+def test_a_made_up_answer_that_the_model_also_gave_is_one_pair(tmp_path, monkeypatch):
+    """A model that answers "yes" to everything: each existence question makes exactly one pair, the truth "no"
+    against the model's own "yes", or the truth "yes" against a made-up "no" - never the same pair twice, which
+    would tip the yes/no balance of the pairs towards "no"."""
+    monkeypatch.setattr(dpo, "respond", lambda vlm, features, asks, tokenizer, **sampling: ["yes"] * len(asks))
+    model, tokenizer = tiny_dpo(), tokenizer_for_tests()
+    cfg = caption_config(tmp_path, pref_scenes=16, pref_samples=1)
+    pairs, _ = dpo.shapes_preferences(model.reference, tokenizer, cfg, "train", torch.device("cpu"), 0)
+    exists = [pair for pair in pairs if pair.origin.endswith(" exists")]
+    prompts = [(pair.image, pair.prompt) for pair in exists]
+    assert len(set(prompts)) == len(prompts) > 16  # the binding questions too: more than one a scene
+    assert {(pair.chosen, pair.rejected, pair.origin) for pair in exists} == {("no", "yes", "own exists"),
+                                                                               ("yes", "no", "made-up exists")}
+
+
+def test_dpo_evaluation_reads_the_margins_of_the_val_loss_pass(tmp_path):
+    """evaluate_dpo takes the held-out margins from pretrain.evaluate's pass just before (as in training) rather
+    than running the pairs again: the same pref acc and margin as when it runs them itself."""
+    model, tokenizer = tiny_dpo(), tokenizer_for_tests()
+    cfg = caption_config(tmp_path, pref_scenes=16, pref_samples=1, eval_iters=3)
+    data = dpo.preference_data(model.reference, tokenizer, cfg, torch.device("cpu"), 0)
+    batches = dpo.PreferenceBatches(data, tokenizer, model.policy.n_image_tokens, 64, cfg, torch.device("cpu"))
+    alone = dpo.evaluate_dpo(model, batches, tokenizer)
+    pretrain.evaluate(model, batches, contextlib.nullcontext())
+    assert sum(map(len, model.eval_margins)) == batches.eval_pairs() == 12
+    after_val_loss = dpo.evaluate_dpo(model, batches, tokenizer)
+    assert after_val_loss == pytest.approx(alone, abs=1e-6) and alone["margin"] != 0 and model.eval_margins == []
 
 
 def test_hallucination_counts_captions_that_name_a_colour_and_kind_absent_from_the_scene():
