@@ -94,9 +94,9 @@ CONFIG = dict(
     instruct_ckpt="",           # the phase-3 checkpoint: the policy to tune and its frozen reference; "" means
                                 # <out_root>/instruct/ckpt.pt
     beta=0.1,                   # DPO's beta: the scale of the implicit reward; smaller lets the policy move further
-    nll_coef=1.0,               # weight of the chosen responses' language-model loss added to DPO's: it keeps their
+    nll_coef=0.5,               # weight of the chosen responses' language-model loss added to DPO's: it keeps their
                                 # probability from falling with the rejected ones' (Iterative RPO, Pang et al. 2024: 1;
-                                # Llama 3: 0.2)
+                                # Llama 3: 0.2; here 0.5, docs/research.md: Phase 4)
     dpop_lambda=50.0,           # DPO-Positive (DPOP, Pal et al. 2024): penalise a chosen response whose log-prob falls
                                 # below the reference's, inside DPO's sigmoid; 0 = plain DPO (docs/research.md: Phase 4)
     pref_source="shapes",       # "shapes" (pairs made from Shapes World), "hf" (pref_dataset), or local .parquet

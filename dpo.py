@@ -282,8 +282,8 @@ def shapes_preferences(reference, tokenizer, config, split, device, rank):
     (b) made-up responses: each question one wrong answer of its form (a flipped yes/no, a wrong colour,
     kind, number or place) unless the model gave that one already, each caption `caption_corruptions` captions
     with one made-up detail. The questions are one of each type, as phase 3 asked them; the training pairs add
-    shapes_world.binding_questions, the kinds of question phase 3 still gets wrong (is there a red star beside a
-    red circle and a blue star? where is the large green circle, beside a small one?)."""
+    shapes_world.binding_questions, the kinds of question phase 3 still gets wrong (where is the large green
+    circle, beside a small one? is there a shape in the top left?)."""
     n = config["pref_scenes"] if split == "train" else max(1, config["pref_scenes"] // 8)  # 80:10 as the splits
     scenes = shapes_world.make_scenes(split, n, seed=config["seed"] + 3)  # not the scenes of phases 2 and 3
     images = [lambda scene=scene: shapes_world.render(scene, config["image_size"]) for scene in scenes]

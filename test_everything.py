@@ -2285,38 +2285,37 @@ def test_shapes_pairs_come_from_training_scenes_and_made_up_captions_differ_by_o
         assert most <= 5 if split == "val" else most > 5
 
 
-def test_binding_questions_are_answered_by_their_scene_and_mix_up_two_shapes():
+def test_binding_questions_are_answered_by_their_scene():
     """Every answer of shapes_world.binding_questions, checked against the scene by a reading of the question
-    written here: "is there a <colour> <kind>" is yes exactly when a shape has both, "is there a shape <place>"
-    when a shape is there, "where is the <name>" names one shape alone and answers its cell. Where two shapes
-    differ in colour and in kind, one question asks for one's colour with the other's kind, and its answer is
-    no; existence questions come in yes/no pairs."""
+    written here: "is there a shape <place>" is yes exactly when a shape is there, and one such question asks
+    an empty cell (no) and one an occupied cell (yes); "where is the <name>" names one shape alone and answers
+    its cell, and every shape that no other shape shares its name with (by size, colour and kind, as counted
+    here) is asked about."""
     places = {phrase: cell for cell, phrase in shapes_world.PLACES.items()}
-    rng, mixed_asked = random.Random(0), 0
+    rng, where_asked = random.Random(0), 0
     for scene in shapes_world.make_scenes("train", 400, seed=5):
         shapes = scene["shapes"]
         asked = shapes_world.binding_questions(scene, rng)
         exists = [(q, a) for q, a, t in asked if t == "exists"]
-        assert [a for _, a in exists] == ["no", "yes"] * (len(exists) // 2) and exists
+        assert [a for _, a in exists] == ["no", "yes"]
+        named = []
         for question, answer, qtype in asked:
-            thing = re.search(r"(?:is there|can you see) an? (\w+) (\w+)(?: in the picture)?\?$", question)
             place = re.fullmatch(r"is there a shape (.+)\?", question)
             where = re.fullmatch(r"(?:where is|in which part of the picture is) the (.+)\?", question)
             if place:
                 assert answer == ("yes" if any(s["position"] == places[place[1]] for s in shapes) else "no")
-            elif thing:
-                assert answer == ("yes" if any((s["color"], s["kind"]) == thing.groups() for s in shapes) else "no")
-                if answer == "no":  # a colour and a kind of the scene, never of one shape
-                    assert thing[1] in {s["color"] for s in shapes} and thing[2] in {s["kind"] for s in shapes}
-                    mixed_asked += 1
             else:
                 words = where[1].split()
-                named = [s for s in shapes if all(w in (s["size"], s["color"], s["kind"]) for w in words)]
-                assert qtype == "position" and len(named) == 1 and answer == named[0]["position"]
-        mixable = any(a["color"] != b["color"] and a["kind"] != b["kind"] for a in shapes for b in shapes)
-        assert mixable == any(re.search(r"(is there|can you see) an? \w+ \w+( in the picture)?\?$", q) and a == "no"
-                              for q, a in exists), scene
-    assert mixed_asked > 100
+                matching = [s for s in shapes if all(w in (s["size"], s["color"], s["kind"]) for w in words)]
+                assert qtype == "position" and len(matching) == 1 and answer == matching[0]["position"]
+                named.append(matching[0]["position"])
+        # A shape can be named alone when no other shape has its size, colour and kind all three.
+        nameable = [s["position"] for s in shapes
+                    if not any(o is not s and (o["size"], o["color"], o["kind"]) == (s["size"], s["color"], s["kind"])
+                               for o in shapes)]
+        assert named == nameable
+        where_asked += len(named)
+    assert where_asked > 600
 
 
 def test_a_made_up_answer_that_the_model_also_gave_is_one_pair(tmp_path, monkeypatch):
