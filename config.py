@@ -181,7 +181,7 @@ PHASE_DEFAULTS = {
                      warmup_iters=30, eval_interval=350, log_interval=100, eval_iters=20, eval_images=100,
                      projector_lr_scale=4.0),
     # eval_iters x batch_size = 1,280 held-out pairs at most: every one of Shapes World's (about 1,000).
-    # Evaluated at steps 0 and 300 only: an evaluation costs about 9 s on 2 CPU cores, and the run is the same.
+    # Evaluated at steps 0 and 300 only: an evaluation costs 7 to 11 s on 2 CPU cores, and the run is the same.
     # lr 2e-4: on 2,000 unseen scenes, position answers gained 2.3 points over phase 3's (1.5 at 1e-4) and
     # captions 1.8 (with 1b2a6ec's binding questions; docs/research.md, "Phase 4: the questions phase 3 gets
     # wrong"); 3e-4 ranked fewer unseen pairs right (93.5 against 94.8 %; "Phase 4: a 'no' that costs every 'yes'").
