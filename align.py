@@ -454,6 +454,11 @@ def caption_images(vlm, features, max_new_tokens=64, before=(BOS_ID,), after=(),
         raise ConfigError(f"the prompt takes {prefix.shape[1]} tokens with the image but the model's context is "
                          f"{vlm.config['context']}; shorten it")
     new_ids = generate(vlm.llm, None, max_new_tokens, embeds=vlm.embed(prefix, features), **sampling)
+    return until_end(new_ids)
+
+
+def until_end(new_ids):
+    """Each row of generated ids (B, T), as a list, up to its first end token."""
     return [list(itertools.takewhile(lambda t: t not in (EOS_ID, EOT_ID), row)) for row in new_ids.tolist()]
 
 

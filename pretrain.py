@@ -715,6 +715,15 @@ class KVCache:
         self.values[layer][:, :, offset:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
+    def rows(self, index, max_len):
+        """A new cache holding rows `index` (a row may repeat) of this one's positions so far, with room for
+        max_len positions: a prefix computed once and continued by several prompts (one image, many questions)."""
+        grow = lambda t: F.pad(t[index, :, :self.length], (0, 0, 0, max_len - self.length))  # (len(index), ...)
+        shared = KVCache.__new__(KVCache)
+        shared.keys, shared.values = [grow(k) for k in self.keys], [grow(v) for v in self.values]
+        shared.length = self.length
+        return shared
+
 
 def sample_next(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
     """Pick the next token from logits (B, vocab): greedy when temperature is 0, else sample after
@@ -736,13 +745,15 @@ def sample_next(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
 
 @torch.no_grad()
 def generate(model, tokens, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, embeds=None,
-             stop_ids=(EOS_ID, EOT_ID), generator=None):
+             stop_ids=(EOS_ID, EOT_ID), generator=None, cache=None):
     """Continue the prompt `tokens` (B, T) - or the ready-made input vectors `embeds` (B, T, dim) - with the KV
-    cache. Returns the new ids (B, <= max_new_tokens); generation stops when every row has hit a stop id."""
-    prompt_len = (tokens if embeds is None else embeds).shape[1]
+    cache. Returns the new ids (B, <= max_new_tokens); generation stops when every row has hit a stop id.
+    `cache`: a KVCache that already holds the prompt's beginning, with room for the rest and the new tokens."""
+    prompt_len = (tokens if embeds is None else embeds).shape[1] + (cache.length if cache is not None else 0)
     batch = (tokens if embeds is None else embeds).shape[0]
     max_new_tokens = min(max_new_tokens, model.config["context"] - prompt_len)
-    cache = KVCache(model, batch, prompt_len + max_new_tokens)
+    if cache is None:
+        cache = KVCache(model, batch, prompt_len + max_new_tokens)
     logits, _, _ = model(tokens if embeds is None else None, embeds=embeds, cache=cache)
     stop = torch.tensor(stop_ids, device=logits.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=logits.device)

@@ -2318,6 +2318,23 @@ def test_binding_questions_are_answered_by_their_scene():
     assert where_asked > 600
 
 
+def test_responses_continuing_a_shared_image_prefix_equal_each_prompt_run_whole():
+    """dpo.respond runs each image's tokens once into a KV cache and continues a copy of it with each prompt
+    about that image (KVCache.rows, generate(cache=...)): the same greedy responses as re-running each whole
+    prompt at every step, across blocks of images, prompts of several lengths, and captions."""
+    vlm, tokenizer = tiny_dpo().policy.eval(), tokenizer_for_tests()
+    features = torch.randn(5, 16, 128)
+    prompts = ["is there a red circle?", "where is the small blue square?", "what color is it?", instruct.CAPTION_REQUEST]
+    asks = [(row, prompt) for row in (3, 0, 4, 1, 0) for prompt in prompts[row % 3:]]  # image 0 in two blocks
+    got = dpo.respond(vlm, features, asks, tokenizer, images_at_once=2)
+    for (row, prompt), text in zip(asks, got):
+        before, after = instruct.question_prefix(tokenizer, prompt)
+        prefix = torch.tensor([*before, *[IMAGE_ID] * vlm.n_image_tokens, *after])
+        steps = min(64 if prompt == instruct.CAPTION_REQUEST else 8, vlm.config["context"] - len(prefix))
+        assert text == tokenizer.decode(greedy_by_full_recompute(vlm, prefix, features[row], steps)).strip()
+    assert len(set(got)) > len(prompts)  # not one response for everything
+
+
 def test_a_made_up_answer_that_the_model_also_gave_is_one_pair(tmp_path, monkeypatch):
     """A model that answers "yes" to everything: each existence question makes exactly one pair, the truth "no"
     against the model's own "yes", or the truth "yes" against a made-up "no" - never the same pair twice, which
