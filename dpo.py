@@ -146,12 +146,26 @@ def render_response(prompt, response, tokenizer, n_image_tokens, context):
     return render_conversation([(question, response)], tokenizer, n_image_tokens, context)
 
 
-def render_pair(pair, tokenizer, n_image_tokens, context):
-    """The (tokens, targets) of the chosen and of the rejected response, or a DataError if one is cut away."""
+def render_pair(pair, tokenizer, n_image_tokens, context, cut_rejected=False):
+    """The (tokens, targets) of the chosen and of the rejected response, or a DataError if one is cut away.
+
+    With cut_rejected, the rejected response is scored only up to and including its first token that differs
+    from the chosen one: its later targets become -100. Shapes World's pairs differ in a word or two ("a small
+    red circle" against "a small blue circle ..."), and what the rejected response says after its wrong word is
+    conditioned on that word: pushing it down teaches the model not to go on normally after a mistake, and with
+    it, not to go on normally at all (a caption that runs on, "a small blue triangle blue star in the ..."). The
+    words before the first difference are the same in both responses and cancel in the margin, so what DPO
+    pushes down is the one wrong token, given the right beginning. This departs from DPO as published, which
+    sums every rejected token; RLAIF-V's responses differ throughout and are scored whole (--cut_rejected=0).
+    docs/research.md, "Phase 4: rejected responses cut at their first wrong token"."""
     sides = [render_response(pair.prompt, text, tokenizer, n_image_tokens, context)
              for text in (pair.chosen, pair.rejected)]
     if any(all(t == -100 for t in targets) for _, targets in sides):
         raise DataError("the prompt leaves no room for the response in the context")
+    if cut_rejected:
+        (_, chosen), (tokens, rejected) = sides
+        first = next((t for t, (a, b) in enumerate(zip(chosen, rejected)) if a != b), len(rejected) - 1)
+        sides[1] = (tokens, rejected[:first + 1] + [-100] * (len(rejected) - first - 1))
     return sides
 
 
@@ -167,12 +181,13 @@ class PreferenceBatches:
 
     def __init__(self, data, tokenizer, n_image_tokens, context, config, device, rank=0):
         self.device, self.batch_size, self.eval_iters = device, config["batch_size"], config["eval_iters"]
+        cut = bool(config["cut_rejected"])
         self.pairs, self.features, self.sequences = {}, {}, {}
         for split, (pairs, features) in data.items():
             self.pairs[split], self.sequences[split], self.features[split] = [], [], features
             for pair in pairs:
                 try:
-                    self.sequences[split].append(render_pair(pair, tokenizer, n_image_tokens, context))
+                    self.sequences[split].append(render_pair(pair, tokenizer, n_image_tokens, context, cut))
                     self.pairs[split].append(pair)
                 except DataError as problem:
                     if rank == 0:

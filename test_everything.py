@@ -1950,7 +1950,8 @@ def tiny_pairs(tokenizer, n_image_tokens):
              dpo.Pair(3, ask, "a blue square.", "a blue square and a red star.", "test")]
     features = torch.randn(4, 16, 128)
     batches = dpo.PreferenceBatches({"train": (pairs, features), "val": (pairs, features)}, tokenizer,
-                                    n_image_tokens, 64, dict(batch_size=4, eval_iters=1, seed=0), torch.device("cpu"))
+                                    n_image_tokens, 64, dict(batch_size=4, eval_iters=1, seed=0, cut_rejected=0),
+                                    torch.device("cpu"))
     return pairs, batches
 
 
@@ -2026,6 +2027,30 @@ def test_summed_logprob_is_a_hand_sum_over_exactly_the_response_tokens():
         noisy = logits.clone()
         noisy[row, [p for p in range(logits.shape[1]) if p not in scored]] += 100 * torch.randn(264)
         assert dpo.sequence_logprobs(noisy, batch["targets"])[row].item() == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_cut_rejected_response_is_scored_up_to_its_first_token_that_differs_and_no_further():
+    """With cut_rejected the rejected response keeps its targets up to and including its first token that differs
+    from the chosen response's - found here from the two responses' own tokens, its end marker included - and
+    -100 after it; the tokens, the chosen response's targets and the rejected ones before the cut are those of
+    the uncut pair."""
+    tokenizer = tokenizer_for_tests()
+    e = lambda text: pretrain.encode(tokenizer, text) + [EOT_ID]
+    cases = [("a small red circle.", "a small blue circle."),      # a wrong word, the rest alike
+             ("a blue square.", "a blue square and a red star."),  # a made-up shape after the right one
+             ("a blue square and a red star.", "a blue square."),  # a shape left out: the end comes too soon
+             ("yes", "no")]
+    for chosen, rejected in cases:
+        pair = dpo.Pair(0, instruct.CAPTION_REQUEST, chosen, rejected, "test")
+        (tokens, chosen_targets), (rejected_tokens, whole) = dpo.render_pair(pair, tokenizer, 4, 64)
+        cut = dpo.render_pair(pair, tokenizer, 4, 64, cut_rejected=True)
+        assert cut[0] == (tokens, chosen_targets) and cut[1][0] == rejected_tokens
+        good, bad = e(chosen), e(rejected)
+        first = next(t for t in range(len(bad)) if t >= len(good) or good[t] != bad[t])
+        start = whole.index(bad[0])  # where the response's targets begin
+        assert whole[start:start + len(bad)] == bad
+        assert cut[1][1] == whole[:start + first + 1] + [-100] * (len(whole) - start - first - 1), (chosen, rejected)
+        assert 0 < first < len(bad) - 1 or rejected == "no"  # the cut takes something off, but for a one-word answer
 
 
 def test_reference_gets_no_gradient_and_is_bit_identical_after_training(tmp_path):
