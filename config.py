@@ -146,7 +146,8 @@ PRESETS = {
         # DPO's own recipe (Rafailov et al. 2023, appendix B): beta 0.1, 64 pairs a step, lr 1e-6 reached after
         # 150 warm-up steps; Zephyr (Tunstall et al. 2023) used 5e-7. One epoch of RLAIF-V's 78,975 pairs.
         dpo=dict(pref_source="hf", batch_size=8, grad_accum_steps=8, lr=1e-6, min_lr=1e-7, warmup_iters=150,
-                 epochs=1, beta=0.1, dpop_lambda=0.0, cut_rejected=0, eval_interval=200, eval_iters=50, log_interval=20),
+                 epochs=1, beta=0.1, dpop_lambda=0.0, cut_rejected=0, eval_interval=200, eval_iters=50,
+                 log_interval=20),
     ),
 }
 

@@ -12,8 +12,9 @@ log-odds of y_w over y_l, measured against a frozen copy of the starting model, 
     loss = -log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))])
 
 Each log-prob is summed over the response's tokens only (image, prompt and padding are masked, as in phase 3's
-targets). beta * (log pi - log ref) is a response's *implicit reward*, and the bracket times beta is the pair's
-reward margin. At the start policy = reference: every margin is 0 and the loss is ln 2. The reference is what
+targets; a rejected Shapes World response only up to its first wrong token, see render_pair).
+beta * (log pi - log ref) is a response's *implicit reward*, and the bracket times beta is the pair's reward
+margin. At the start policy = reference: every margin is 0 and the loss is ln 2. The reference is what
 keeps DPO from driving the rejected response's probability to zero at any cost: the loss only rewards moving
 away from the reference as far as the margin needs (a small beta lets the policy move further). By default the
 loss is DPO-Positive's (--dpop_lambda, see dpo_loss), which also keeps the chosen response from becoming less
@@ -561,8 +562,10 @@ def main(argv=None):
     if rank == 0:
         trainable = sum(p.numel() for p in dpo.parameters() if p.requires_grad)
         loss = f"DPO-Positive (lambda {config['dpop_lambda']:g})" if config["dpop_lambda"] else "DPO"
+        scored = "up to their first token unlike the chosen one" if config["cut_rejected"] else "whole"
         print(f"VLM: {trainable:,} trainable parameters (LLM + projector) and a frozen reference; {loss}, beta "
-              f"{config['beta']}; {config['max_iters']} steps of {config['batch_size']} pairs", flush=True)
+              f"{config['beta']}, rejected responses scored {scored}; {config['max_iters']} steps of "
+              f"{config['batch_size']} pairs", flush=True)
         for split in ("train", "val"):
             print(f"{split} pairs: {len(batches.pairs[split]):,} ({describe_mix(batches.pairs[split])})", flush=True)
         counted = batches.eval_pairs()
