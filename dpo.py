@@ -12,7 +12,7 @@ log-odds of y_w over y_l, measured against a frozen copy of the starting model, 
     loss = -log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))])
 
 Each log-prob is summed over the response's tokens only (image, prompt and padding are masked, as in phase 3's
-targets; a rejected Shapes World response only up to its first wrong token, see render_pair).
+targets; by default a rejected response only up to its first wrong token: --cut_rejected, see render_pair).
 beta * (log pi - log ref) is a response's *implicit reward*, and the bracket times beta is the pair's reward
 margin. At the start policy = reference: every margin is 0 and the loss is ln 2. The reference is what
 keeps DPO from driving the rejected response's probability to zero at any cost: the loss only rewards moving
